@@ -1,0 +1,77 @@
+"""View pipelines of the papers (torchvision.transforms.v2), and the evaluation transform.
+
+Presets (jitter = brightness, contrast, saturation, hue, applied with p 0.8; grayscale p 0.2):
+  sym       SimCLR:          jitter 0.8/0.8/0.8/0.2, blur p 0.5
+  sym_weak  MoCo v2:         jitter 0.4/0.4/0.4/0.1, blur p 0.5
+  asym      BYOL and family: jitter 0.4/0.4/0.2/0.1; view 1 blur p 1.0, solarize 0; view 2 blur p 0.1,
+                             solarize 0.2
+Gaussian blur is left out below 96 px, as in the CIFAR recipes: at 32 px it destroys the image.
+"""
+import torch
+import torchvision.transforms.v2 as T
+
+from common.config import UsageError
+from common.data import MEAN_STD
+
+PRESETS = {
+    "sym": [dict(jitter=(0.8, 0.8, 0.8, 0.2), blur=0.5, solarize=0.0)] * 2,
+    "sym_weak": [dict(jitter=(0.4, 0.4, 0.4, 0.1), blur=0.5, solarize=0.0)] * 2,
+    "asym": [dict(jitter=(0.4, 0.4, 0.2, 0.1), blur=1.0, solarize=0.0),
+             dict(jitter=(0.4, 0.4, 0.2, 0.1), blur=0.1, solarize=0.2)],
+}
+
+
+def _normalize(dataset):
+    mean, std = MEAN_STD.get(dataset, MEAN_STD["folder"])
+    return [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)]
+
+
+def view(size, dataset, jitter, blur, solarize, scale=(0.08, 1.0), gray=0.2):
+    """One random view: crop, flip, colour jitter, grayscale, (blur), (solarize), normalise."""
+    steps = [T.RandomResizedCrop(size, scale=scale, antialias=True), T.RandomHorizontalFlip(),
+             T.RandomApply([T.ColorJitter(*jitter)], p=0.8), T.RandomGrayscale(p=gray)]
+    if blur > 0 and size >= 96:
+        kernel = max(3, int(0.1 * size) // 2 * 2 + 1)  # about 10% of the image, odd
+        steps.append(T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur))
+    if solarize > 0:
+        steps.append(T.RandomSolarize(threshold=128, p=solarize))  # on uint8 images, before scaling
+    return T.Compose(steps + _normalize(dataset))
+
+
+class MultiView:
+    """Applies each transform to the same image: returns a list of views."""
+
+    def __init__(self, transforms):
+        self.transforms = transforms
+
+    def __call__(self, image):
+        return [t(image) for t in self.transforms]
+
+
+def two_views(preset, size, dataset, scale=(0.08, 1.0)):
+    if preset not in PRESETS:
+        raise UsageError(f"unknown augmentation preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    return MultiView([view(size, dataset, scale=scale, **p) for p in PRESETS[preset]])
+
+
+def multi_crop(preset, dataset, global_size, local_size, num_local, global_scale=(0.4, 1.0),
+               local_scale=(0.05, 0.4)):
+    """SwAV / DINO multi-crop: the two global views of `preset`, then `num_local` small crops."""
+    views = [view(global_size, dataset, scale=global_scale, **p) for p in PRESETS[preset]]
+    local = PRESETS[preset][1] | dict(blur=0.5, solarize=0.0)
+    views += [view(local_size, dataset, scale=local_scale, **local) for _ in range(num_local)]
+    return MultiView(views)
+
+
+def eval_transform(size, dataset):
+    """Deterministic: resize (with the usual 224/256 crop ratio above 64 px) and normalise."""
+    steps = [T.Resize(size, antialias=True), T.CenterCrop(size)]
+    if size > 64:
+        steps = [T.Resize(int(size * 256 / 224), antialias=True), T.CenterCrop(size)]
+    return T.Compose(steps + _normalize(dataset))
+
+
+def linear_train_transform(size, dataset):
+    """The linear-probe training augmentation: random resized crop and flip."""
+    return T.Compose([T.RandomResizedCrop(size, antialias=True), T.RandomHorizontalFlip()]
+                     + _normalize(dataset))

@@ -1,0 +1,175 @@
+"""Datasets for pre-training and evaluation, read by torchvision; plus reproducible views for resuming.
+
+build_dataset(name, root, split) gives (image, label) pairs with PIL images:
+  cifar10, cifar100   torchvision's readers; `download=True` fetches them into root
+  stl10               'pretrain' = train + unlabeled (labels -1), 'train', 'val' (= test)
+  folder              an ImageFolder tree: root/train and root/val if present, else root itself; a folder of
+                      images without class sub-folders is read as unlabeled (labels -1)
+  synthetic           deterministic random images of any size, ten classes, no files (offline smoke runs)
+"""
+import os
+
+import numpy as np
+import torch
+import torchvision.datasets as tvd
+from PIL import Image
+from torch.utils.data import Dataset, Sampler, Subset
+
+from common.config import UsageError
+
+DATASETS = ("cifar10", "cifar100", "stl10", "folder", "synthetic")
+MEAN_STD = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "stl10": ((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
+    "folder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # ImageNet's
+    "synthetic": ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
+}
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class Synthetic(Dataset):
+    """Random images whose colour depends on the class, so a kNN on them beats chance; same for every seed."""
+
+    def __init__(self, n, image_size, num_classes=10, seed=0):
+        self.n, self.size, self.num_classes, self.seed = n, image_size, num_classes, seed
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        g = np.random.default_rng([self.seed, i])
+        label = i % self.num_classes
+        base = np.array([(label * 37) % 256, (label * 91) % 256, (label * 157) % 256])
+        pixels = base + g.normal(0, 60, (self.size, self.size, 3))
+        return Image.fromarray(pixels.clip(0, 255).astype(np.uint8)), label
+
+
+class ImageFiles(Dataset):
+    """A flat folder of images without class sub-folders: unlabeled data (label -1)."""
+
+    def __init__(self, root):
+        self.files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs
+                            if f.lower().endswith(IMAGE_EXTENSIONS))
+        self.targets = [-1] * len(self.files)
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        with Image.open(self.files[i]) as img:
+            return img.convert("RGB"), -1
+
+
+def _missing(name, root, hint):
+    return UsageError(f"{name} not found in {root!r}: {hint}")
+
+
+def _folder(root, split):
+    if not os.path.isdir(root):
+        raise _missing("image folder", root, "check --data_dir; it should hold train/ and val/ "
+                       "(each with one sub-folder per class) or just images")
+    sub = os.path.join(root, "val" if split == "val" else "train")
+    if os.path.isdir(sub):
+        root = sub
+    elif split == "val":
+        raise _missing("validation split", root, "evaluation needs a val/ sub-folder with one folder per class")
+    has_classes = any(e.is_dir() for e in os.scandir(root))
+    data = tvd.ImageFolder(root, allow_empty=True) if has_classes else ImageFiles(root)
+    if len(data) == 0:
+        raise UsageError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root!r}")
+    return data
+
+
+def build_dataset(name, root, split, download=False, image_size=32):
+    """split: 'pretrain' (what self-supervised training sees), 'train' (labelled) or 'val'."""
+    if split not in ("pretrain", "train", "val"):
+        raise ValueError(f"unknown split {split!r}")
+    if name == "synthetic":
+        return Synthetic(256 if split == "val" else 1024, image_size, seed=1 if split == "val" else 0)
+    if name == "folder":
+        return _folder(root, split)
+    try:
+        if name in ("cifar10", "cifar100"):
+            cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
+            return cls(root, train=split != "val", download=download)
+        if name == "stl10":
+            stl_split = {"pretrain": "train+unlabeled", "train": "train", "val": "test"}[split]
+            return tvd.STL10(root, split=stl_split, download=download)
+    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
+        raise _missing(name, root, "pass --download true to fetch it there, or point --data_dir at the "
+                       f"folder that holds it ({e})") from None
+    raise UsageError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+
+
+def subset(dataset, n, seed=0):
+    """A fixed random subset of n items (all of them when n is 0)."""
+    if n <= 0 or n >= len(dataset):
+        return dataset
+    idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n]
+    return Subset(dataset, idx.sort().values.tolist())
+
+
+class SeededViews(Dataset):
+    """Applies a random `transform` with its randomness fixed by (seed, epoch, index).
+
+    Views then depend neither on num_workers nor on whether workers persist across epochs, and a run
+    resumed at an epoch boundary sees exactly the views that an uninterrupted run would have seen.
+    Keys are (epoch, index) pairs, as produced by EpochSampler.
+    """
+
+    def __init__(self, dataset, transform, seed=0):
+        self.dataset, self.transform, self.seed = dataset, transform, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        image, label = self.dataset[index]
+        with torch.random.fork_rng(devices=[]):  # leave the caller's generator untouched
+            torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
+            return self.transform(image), label
+
+
+class EpochSampler(Sampler):
+    """Wraps a DistributedSampler and yields (epoch, index) keys for SeededViews."""
+
+    def __init__(self, sampler):
+        self.sampler, self.epoch = sampler, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self):
+        return len(self.sampler)
+
+    def __iter__(self):
+        return ((self.epoch, i) for i in self.sampler)
+
+
+class Transformed(Dataset):
+    """A dataset with a deterministic transform (evaluation)."""
+
+    def __init__(self, dataset, transform):
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        image, label = self.dataset[i]
+        return self.transform(image), label
+
+
+def labels_of(dataset):
+    """All labels of a dataset without decoding its images where the reader keeps them."""
+    if isinstance(dataset, Subset):
+        return [labels_of(dataset.dataset)[i] for i in dataset.indices]
+    for attr in ("targets", "labels"):
+        if hasattr(dataset, attr):
+            return [int(t) for t in getattr(dataset, attr)]
+    if isinstance(dataset, Synthetic):
+        return [i % dataset.num_classes for i in range(len(dataset))]
+    return [int(dataset[i][1]) for i in range(len(dataset))]
