@@ -7,7 +7,7 @@
 (4) interrupted and resumed, it ends with exactly the weights of an uninterrupted run;
 (5) knn_eval.py and linear_eval.py accept its checkpoint;
 (6) bad input gives a clear error, and a non-finite loss never overwrites a good checkpoint;
-plus its LARS against the update rule and its schedules at their endpoints.
+plus its LARS against the update rule, its lr schedule at its endpoints, and its configs parse.
 
 Gradient convention of (2): DDP averages gradients over ranks, so what a rank's loss gives its own inputs,
 divided by world_size, must equal the whole-batch gradient of those inputs.
@@ -17,54 +17,16 @@ import importlib
 import json
 import math
 import shutil
-from dataclasses import dataclass, field
-from typing import Callable
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from battery import run_ranks
 from conftest import REPO, assert_clean_error, run_script, run_torchrun
-from multiproc import run_ranks
 
 
-# ---- per-method cases ----
-def simclr_inputs():
-    g = torch.Generator().manual_seed(0)
-    return {"z1": torch.randn(8, 16, generator=g), "z2": torch.randn(8, 16, generator=g)}
-
-
-def simclr_call(module, x):
-    return module.simclr_loss(x["z1"], x["z2"], temperature=0.3), {}
-
-
-def simclr_reference(x):
-    """NT-Xent, literally: for each of the 2N anchors i with positive j,
-    -log exp(s_ij / tau) / sum_{k != i} exp(s_ik / tau), averaged."""
-    tau, n = 0.3, len(x["z1"])
-    z = torch.cat([x["z1"], x["z2"]]).double()
-    total = 0.0
-    for i in range(2 * n):
-        j = (i + n) % (2 * n)
-        sim = [F.cosine_similarity(z[i], z[k], dim=0) for k in range(2 * n)]
-        denominator = sum(math.exp(sim[k] / tau) for k in range(2 * n) if k != i)
-        total += -math.log(math.exp(sim[j] / tau) / denominator)
-    return total / (2 * n)
-
-
-@dataclass
-class MethodCase:
-    inputs: Callable  # () -> dict of whole-batch tensors (batch first), the loss's inputs
-    call: Callable  # (module, inputs) -> (loss, buffers dict); runs on a rank's share under torch.distributed
-    reference: Callable  # (inputs) -> float, the paper's formula per sample
-    small: list = field(default_factory=list)  # command-line overrides for quick CPU runs
-
-
-CASES = {
-    "simclr": MethodCase(simclr_inputs, simclr_call, simclr_reference,
-                         small=["--proj_hidden_dim", "64", "--proj_dim", "32"]),
-}
-METHODS = list(CASES)
+METHODS = ["simclr"]  # to add a method: write tests/case_<method>.py and add its name here
+CASES = {m: importlib.import_module(f"case_{m}").CASE for m in METHODS}
 
 
 def quick_args(method, out_dir, epochs=2, *extra):
@@ -258,3 +220,12 @@ def test_lr_schedule_endpoints(method):
     values = [lr_at(s, total, warmup, peak, low) for s in range(warmup, total + 1)]
     assert all(a >= b for a, b in zip(values, values[1:]))
     assert lr_at(5, 10, 0, peak) == pytest.approx(peak / 2)  # no warm-up: cosine midpoint
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_configs_parse(method):
+    from common.config import load_config
+    module = importlib.import_module(method)
+    for name in (f"{method}.yaml", f"{method}_imagenet.yaml"):
+        cfg = load_config(module.Config, ["--config", str(REPO / "configs" / name)])
+        assert cfg.out_dir.startswith("runs/")

@@ -1,6 +1,8 @@
-"""Run a function in several gloo processes (torch.multiprocessing, spawn) and collect what each returns."""
+"""Battery plumbing: MethodCase (what a method script tells the battery) and run_ranks (gloo processes)."""
 import os
 import tempfile
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -22,3 +24,13 @@ def run_ranks(fn, world_size, *args):
         init_file = os.path.join(tmp, "store")
         mp.spawn(_entry, args=(world_size, init_file, tmp, fn, args), nprocs=world_size, join=True)
         return [torch.load(os.path.join(tmp, f"{r}.pt"), weights_only=False) for r in range(world_size)]
+
+
+@dataclass
+class MethodCase:
+    """A method's entry in the battery (tests/test_battery.py). Each method has a tests/case_<method>.py
+    defining CASE = MethodCase(...), and its name in test_battery.METHODS."""
+    inputs: Callable  # () -> dict of whole-batch tensors (batch first): the loss's inputs
+    call: Callable  # (module, inputs) -> (loss, buffers dict); runs on a rank's share under torch.distributed
+    reference: Callable  # (inputs) -> float: the paper's formula, one sample at a time
+    small: list = field(default_factory=list)  # command-line overrides for quick CPU runs
