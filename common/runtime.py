@@ -1,4 +1,5 @@
-"""Run plumbing: torchrun detection, the run folder, JSON-lines metrics, atomic checkpoints, RNG states."""
+"""Run plumbing: torchrun detection, the run folder, JSON-lines metrics, atomic checkpoints, RNG states,
+and loading a trunk for evaluation from a checkpoint or a plain state_dict."""
 import dataclasses
 import json
 import os
@@ -10,6 +11,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from common.backbones import backbone_args, build_backbone
 from common.config import UsageError
 
 
@@ -110,3 +112,58 @@ def load_checkpoint(path):
     except Exception as e:  # truncated, not a torch file, or pickled objects we do not load
         raise UsageError(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0]}); "
                          "it is corrupt or not a checkpoint of these scripts") from None
+
+
+def write_json(obj, path):
+    """Atomic, like save_checkpoint: a temporary file renamed over `path` (parent folders are created)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _mismatch(model, state, limit=3):
+    """One line listing how `state` differs from `model`'s state_dict (missing, unexpected, wrong shape)."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    parts = [f"{len(keys)} {what} ({', '.join(keys[:limit])}{', ...' if len(keys) > limit else ''})"
+             for what, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                                ("shape mismatches, file vs model", shapes)) if keys]
+    return "; ".join(parts)
+
+
+def load_backbone(path, arch="", image_size=0, cifar_stem="", patch_size=0):
+    """Rebuild a trunk and load its weights (strict) from a method script's checkpoint (its "backbone" and
+    "backbone_args") or from a plain trunk state_dict. Non-empty arguments override the checkpoint's
+    backbone_args; a plain state_dict needs at least arch and image_size (cifar_stem: auto, patch_size: 16).
+    Returns (backbone, width, backbone_args, training config dict or {})."""
+    obj = load_checkpoint(path)
+    is_checkpoint = isinstance(obj, dict) and isinstance(obj.get("backbone"), dict)
+    if not is_checkpoint and not (isinstance(obj, dict) and obj
+                                  and all(isinstance(v, torch.Tensor) for v in obj.values())):
+        raise UsageError(f"{path} is neither a checkpoint of these scripts nor a state_dict of tensors")
+    state = obj["backbone"] if is_checkpoint else obj
+    train_config = obj.get("config", {}) if is_checkpoint else {}
+    stored = dict(obj.get("backbone_args") or {}) if is_checkpoint else {}
+    overrides = {"arch": arch, "image_size": image_size, "cifar_stem": cifar_stem, "patch_size": patch_size}
+    args = {**stored, **{k: v for k, v in overrides.items() if v}}
+    if "arch" not in args or "image_size" not in args:
+        what = "the checkpoint has no backbone_args" if is_checkpoint else "it holds only weights"
+        raise UsageError(f"cannot tell how to build the backbone of {path} ({what}); pass --arch and "
+                         "--image_size (and --cifar_stem, --patch_size where they differ from auto, 16)")
+    args = backbone_args(args["arch"], args["image_size"], args.get("cifar_stem", "auto"),
+                         args.get("patch_size", 16))
+    backbone, width = build_backbone(**args)
+    problem = _mismatch(backbone, state)
+    if problem:
+        built = ", ".join(f"{k}={v}" for k, v in args.items())
+        raise UsageError(f"the weights in {path} do not fit the backbone {built}: {problem}. Check --arch, "
+                         "--image_size, --cifar_stem and --patch_size; a plain state_dict must hold the trunk "
+                         "only (no fc.* / heads.*)")
+    backbone.load_state_dict(state, strict=True)
+    return backbone, width, args, train_config

@@ -25,20 +25,23 @@ from battery import run_ranks
 from conftest import REPO, assert_clean_error, run_script, run_torchrun
 
 
-METHODS = ["simclr"]  # to add a method: write tests/case_<method>.py and add its name here
-CASES = {m: importlib.import_module(f"case_{m}").CASE for m in METHODS}
+METHODS = ["simclr", "byol", "simsiam", "barlow"]  # to add one: write tests/case_<method>.py, add it here
+
+
+def case_of(method):
+    return importlib.import_module(f"case_{method}").CASE
 
 
 def quick_args(method, out_dir, epochs=2, *extra):
     return [f"{method}.py", "--dataset", "synthetic", "--subset", "64", "--batch_size", "16", "--num_workers", "0",
-            "--epochs", str(epochs), "--warmup_epochs", "1", "--out_dir", str(out_dir), *CASES[method].small,
+            "--epochs", str(epochs), "--warmup_epochs", "1", "--out_dir", str(out_dir), *case_of(method).small,
             *extra]
 
 
 # ---- (1) the loss against the paper's formula ----
 @pytest.mark.parametrize("method", METHODS)
 def test_loss_matches_per_sample_formula(method):
-    case, module = CASES[method], importlib.import_module(method)
+    case, module = case_of(method), importlib.import_module(method)
     inputs = case.inputs()
     loss, _ = case.call(module, {k: v.clone() for k, v in inputs.items()})
     assert loss.item() == pytest.approx(case.reference(inputs), rel=1e-5, abs=1e-6)
@@ -46,7 +49,7 @@ def test_loss_matches_per_sample_formula(method):
 
 # ---- (2) two ranks with half the batch each = one rank with the whole batch ----
 def _half_batch(rank, world_size, method):
-    case, module = CASES[method], importlib.import_module(method)
+    case, module = case_of(method), importlib.import_module(method)
     share = {k: v.chunk(world_size)[rank].clone().requires_grad_() for k, v in case.inputs().items()}
     loss, buffers = case.call(module, share)
     loss.backward()
@@ -55,7 +58,7 @@ def _half_batch(rank, world_size, method):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_distributed_equals_single_process(method):
-    case, module = CASES[method], importlib.import_module(method)
+    case, module = case_of(method), importlib.import_module(method)
     whole = {k: v.clone().requires_grad_() for k, v in case.inputs().items()}
     loss, buffers = case.call(module, whole)
     loss.backward()
