@@ -1,4 +1,4 @@
-"""The battery every method script passes. To add a method, add a MethodCase to CASES.
+"""The battery every method script passes. To add a method: tests/case_<method>.py and its name in METHODS.
 
 (1) its loss equals a direct per-sample implementation of the paper's formula;
 (2) two gloo processes, each holding half of a batch, give the same loss, gradients and buffers as one
