@@ -166,7 +166,8 @@ class Transformed(Dataset):
 def labels_of(dataset):
     """All labels of a dataset without decoding its images where the reader keeps them."""
     if isinstance(dataset, Subset):
-        return [labels_of(dataset.dataset)[i] for i in dataset.indices]
+        labels = labels_of(dataset.dataset)
+        return [labels[i] for i in dataset.indices]
     for attr in ("targets", "labels"):
         if hasattr(dataset, attr):
             return [int(t) for t in getattr(dataset, attr)]

@@ -1,0 +1,236 @@
+"""Linear probe of a frozen backbone: the standard measure of a self-supervised representation.
+
+The trunk f stays frozen in eval mode (BatchNorm uses its running statistics, no gradient reaches it); only
+a linear classifier W f(x) + b on the pooled features is trained, with cross-entropy on the labelled train
+split, for `epochs` epochs of SGD with momentum 0.9 (or LARS), no weight decay by default. The lr is given
+per 256 images, like the pre-training scripts: the peak lr is lr x global_batch / 256, with global_batch =
+batch_size x world_size, and it follows a per-step cosine from the peak down to 0 (no warm-up). Reported:
+top-1 / top-5 on the val split, each val image counted exactly once (also under torchrun).
+
+Two modes:
+  cache_features false (default): the standard protocol. Each step crops and flips the train images
+      (common/augment.py: linear_train_transform) and runs the frozen trunk on them; under torchrun every
+      rank takes its own part of the data (DistributedSampler) and the head is wrapped in DDP.
+  cache_features true: fast. The train features are extracted once, without augmentation (eval_transform),
+      and gathered on every rank together with the val features; the head then trains on them alone. Under
+      torchrun every rank draws the same random global batch and takes its disjoint share (rows rank, rank+W,
+      ...), DDP averages the gradients: one global-batch step, identical weights on every rank.
+Both modes drop the last incomplete global batch of each epoch.
+
+Input: as knn_eval.py, a method script's checkpoint or a plain trunk state_dict (with --arch, --image_size).
+Output: the accuracies, printed and written as JSON (by default next to the checkpoint).
+
+Run:
+    python linear_eval.py --checkpoint runs/simclr/last.pt
+    python linear_eval.py --checkpoint runs/simclr/last.pt --cache_features true --epochs 100
+    torchrun --nproc_per_node=4 linear_eval.py --checkpoint runs/simclr/last.pt --batch_size 64
+"""
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from common.augment import eval_transform, linear_train_transform
+from common.config import UsageError, parse_config, usage_errors
+from common.data import EpochSampler, SeededViews, Transformed, build_dataset, labels_of, subset
+from common.knn import extract_features, topk_correct
+from common.runtime import autocast, init_distributed, load_backbone, write_json
+
+
+@dataclass
+class Config:
+    # input
+    checkpoint: str = ""  # a method script's checkpoint (e.g. runs/simclr/last.pt) or a plain trunk state_dict
+    arch: str = ""  # backbone override; required for a plain state_dict (empty = the checkpoint's)
+    image_size: int = 0  # input resolution; required for a plain state_dict (0 = the checkpoint's)
+    cifar_stem: str = ""  # auto | true | false (empty = the checkpoint's, or auto for a plain state_dict)
+    patch_size: int = 0  # ViT patch size (0 = the checkpoint's, or 16)
+    # data
+    dataset: str = ""  # cifar10 | cifar100 | stl10 | folder | synthetic (empty = the checkpoint's)
+    data_dir: str = ""  # dataset root (empty = the checkpoint's, else "data")
+    download: bool = False  # let torchvision download cifar10 / cifar100 / stl10 into data_dir
+    train_subset: int = 0  # train on a fixed random subset of this many train images (0 = all)
+    val_subset: int = 0  # evaluate on a fixed random subset of this many val images (0 = all)
+    num_workers: int = 4  # data-loading processes per rank
+    cache_features: bool = False  # extract un-augmented features once and train on them (fast)
+    # optimisation
+    epochs: int = 100  # training length
+    batch_size: int = 256  # images per rank; global_batch = batch_size x world_size
+    optimizer: str = "sgd"  # sgd | lars
+    lr: float = 0.1  # per 256 images: the peak lr is lr x global_batch / 256, then a per-step cosine to 0
+    momentum: float = 0.9  # SGD / LARS momentum
+    weight_decay: float = 0.0  # on the head's weight (not its bias)
+    precision: str = "bf16"  # bf16 | fp16 (GPU only) | fp32 of the trunk's forward pass (the head is fp32)
+    seed: int = 0  # subsets, head init, data order and augmentations
+    # output
+    out: str = ""  # JSON file (empty = <checkpoint without extension>_linear_<dataset>.json)
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS (You et al., 2017, arXiv:1708.03888) as used by SimCLR, BYOL and Barlow Twins.
+
+    For each weight matrix: d = grad + weight_decay * w, trust ratio q = eta * ||w|| / ||d||, then SGD with
+    momentum on q * d. Parameters with ndim == 1 (biases, BN and LayerNorm weights) get neither weight decay
+    nor adaptation: plain SGD with momentum. With clip=True the adapted step is capped at the scheduled lr
+    (q <- min(q / lr, 1)), as in apex's LARC "clip" mode and solo-learn. Differences from the others:
+    SimCLR-TF's LARS selects the excluded variables by name and uses eta 0.001 without clipping; apex LARC
+    computes the trust ratio as eta * ||w|| / (||g|| + wd * ||w||) rather than from ||g + wd * w||."""
+
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.02, clip=True):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, clip=clip))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if p.ndim > 1:
+                    d = d.add(p, alpha=group["weight_decay"])
+                    w_norm, d_norm = p.norm(), d.norm()
+                    q = torch.where((w_norm > 0) & (d_norm > 0), group["eta"] * w_norm / d_norm, 1.0)
+                    if group["clip"]:
+                        q = (q / group["lr"]).clamp(max=1.0) if group["lr"] > 0 else torch.ones_like(q)
+                    d = d.mul(q)
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                buf.mul_(group["momentum"]).add_(d)
+                p.add_(buf, alpha=-group["lr"])
+
+
+def build_optimizer(cfg, head):
+    if cfg.optimizer == "lars":
+        return LARS(head.parameters(), lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD([{"params": [head.weight]}, {"params": [head.bias], "weight_decay": 0.0}],
+                               lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    raise UsageError(f"optimizer must be sgd or lars, got {cfg.optimizer!r}")
+
+
+def cached_batches(feats, labels, batch_size, rank, world_size, epoch, seed):
+    """This rank's share of each full global batch of an epoch: the same permutation on every rank."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(len(feats), generator=g).to(feats.device)
+    global_batch = batch_size * world_size
+    for start in range(0, len(feats) - global_batch + 1, global_batch):
+        idx = order[start:start + global_batch][rank::world_size]
+        yield feats[idx], labels[idx]
+
+
+def main(cfg):
+    if not cfg.checkpoint:
+        raise UsageError("--checkpoint is required (a method script's last.pt or a plain trunk state_dict)")
+    if cfg.epochs < 1 or cfg.batch_size < 1:
+        raise UsageError("--epochs and --batch_size must be positive")
+    rank, world_size, device = init_distributed()
+    is_main = rank == 0
+    precision = autocast(device, cfg.precision)
+    backbone, width, args, trained = load_backbone(cfg.checkpoint, cfg.arch, cfg.image_size, cfg.cifar_stem,
+                                                   cfg.patch_size)
+    backbone = backbone.to(device).eval().requires_grad_(False)  # frozen: running BN statistics, no grad
+    dataset = cfg.dataset or trained.get("dataset")
+    if not dataset:
+        raise UsageError(f"{cfg.checkpoint} does not say which dataset it was trained on; pass --dataset")
+    data_dir, size = cfg.data_dir or trained.get("data_dir", "data"), args["image_size"]
+
+    # ---- data ----
+    full = {split: build_dataset(dataset, data_dir, split, cfg.download, size) for split in ("train", "val")}
+    labels = labels_of(full["train"]) + labels_of(full["val"])
+    if min(labels, default=-1) < 0:
+        raise UsageError(f"{dataset} in {data_dir!r} has empty or unlabelled train/val splits; the linear "
+                         "probe needs labels (folder: one sub-folder per class)")
+    num_classes = max(labels) + 1
+    train_images = subset(full["train"], cfg.train_subset, cfg.seed)
+    val_set = Transformed(subset(full["val"], cfg.val_subset, cfg.seed), eval_transform(size, dataset))
+    global_batch = cfg.batch_size * world_size
+    steps_per_epoch = len(train_images) // global_batch
+    if steps_per_epoch == 0:
+        raise UsageError(f"{len(train_images)} train images make no full batch of {cfg.batch_size} x "
+                         f"{world_size} ranks; lower --batch_size")
+    if cfg.cache_features:
+        train_feats, train_labels = extract_features(
+            backbone, Transformed(train_images, eval_transform(size, dataset)), cfg.batch_size,
+            cfg.num_workers, device, precision, rank, world_size)
+    else:
+        train_set = SeededViews(train_images, linear_train_transform(size, dataset), seed=cfg.seed)
+        sampler = EpochSampler(DistributedSampler(train_set, world_size, rank, shuffle=True, seed=cfg.seed,
+                                                  drop_last=True))
+        loader = DataLoader(train_set, cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
+                            pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0,
+                            drop_last=True)
+
+    # ---- head and optimiser ----
+    torch.manual_seed(cfg.seed)
+    head = nn.Linear(width, num_classes).to(device)
+    nn.init.normal_(head.weight, std=0.01)
+    nn.init.zeros_(head.bias)
+    optimizer = build_optimizer(cfg, head)
+    ddp_head = DDP(head) if world_size > 1 else head
+    peak_lr, total_steps, step = cfg.lr * global_batch / 256, cfg.epochs * steps_per_epoch, 0
+
+    # ---- training ----
+    for epoch in range(cfg.epochs):
+        if cfg.cache_features:
+            batches = cached_batches(train_feats, train_labels, cfg.batch_size, rank, world_size, epoch, cfg.seed)
+        else:
+            sampler.set_epoch(epoch)
+            batches = loader
+        bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                   disable=not is_main, dynamic_ncols=True)
+        epoch_loss = torch.zeros((), device=device)
+        for x, y in bar:
+            lr = 0.5 * peak_lr * (1 + math.cos(math.pi * step / total_steps))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if not cfg.cache_features:
+                with torch.no_grad(), precision:
+                    x = backbone(x)
+            loss = F.cross_entropy(ddp_head(x.float()), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            epoch_loss += loss.detach()
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.3g}")
+        if world_size > 1:
+            dist.all_reduce(epoch_loss)
+        train_loss = epoch_loss.item() / (steps_per_epoch * world_size)
+        if is_main:
+            tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f}")
+
+    # ---- evaluation: every val image once (extract_features shards without padding and gathers) ----
+    val_feats, val_labels = extract_features(backbone, val_set, cfg.batch_size, cfg.num_workers, device,
+                                             precision, rank, world_size)
+    with torch.no_grad():
+        top1, top5 = topk_correct(head(val_feats), val_labels)
+    top1, top5 = 100.0 * top1 / len(val_set), 100.0 * top5 / len(val_set)
+
+    if is_main:
+        out = cfg.out or f"{os.path.splitext(cfg.checkpoint)[0]}_linear_{dataset}.json"
+        mode = "cached features" if cfg.cache_features else "augmented images"
+        print(f"linear probe ({cfg.epochs} epochs on {mode}, {cfg.optimizer} lr {peak_lr:.3g}) on {dataset}: "
+              f"top-1 {top1:.2f}%  top-5 {top5:.2f}%  ({len(train_images)} train, {len(val_set)} val "
+              f"images) -> {out}")
+        write_json({"top1": top1, "top5": top5, "epochs": cfg.epochs, "lr": cfg.lr, "peak_lr": peak_lr,
+                    "optimizer": cfg.optimizer, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay,
+                    "batch_size": cfg.batch_size, "global_batch": global_batch, "world_size": world_size,
+                    "cache_features": cfg.cache_features, "train_loss": train_loss, "dataset": dataset,
+                    "checkpoint": cfg.checkpoint, "num_train": len(train_images), "num_val": len(val_set),
+                    "num_classes": num_classes, "data_dir": data_dir, "backbone_args": args,
+                    "precision": cfg.precision, "seed": cfg.seed}, out)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    with usage_errors():
+        main(parse_config(Config))

@@ -1,0 +1,132 @@
+"""knn_eval.py and linear_eval.py end to end on CPU, on a 1-epoch SimCLR checkpoint of the synthetic dataset
+(ten classes told apart by colour, so a working evaluation is far above the 10% of chance)."""
+import json
+import random
+
+import pytest
+import torch
+
+from conftest import assert_clean_error, assert_ok, run_script, run_torchrun
+
+# small fixed subsets keep every run a few seconds; k=20 because with k >= the bank size (100) every class
+# votes and the weighted kNN is close to chance on a barely trained backbone
+DATA = ["--train_subset", "100", "--val_subset", "50", "--num_workers", "0"]
+KNN = ["knn_eval.py", *DATA, "--k", "20", "--precision", "fp32"]
+LINEAR = ["linear_eval.py", *DATA, "--precision", "fp32"]
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("simclr")
+    assert_ok(run_script(["simclr.py", "--dataset", "synthetic", "--epochs", "1", "--batch_size", "16",
+                          "--subset", "64", "--num_workers", "0", "--proj_hidden_dim", "64", "--proj_dim", "32",
+                          "--out_dir", out]))
+    return out / "last.pt"
+
+
+def assert_one_line_error(proc, fragment):
+    """assert_clean_error, and the message is exactly one `error: ...` line that names the problem."""
+    assert_clean_error(proc, fragment)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and fragment in errors[0], proc.stderr[-3000:]
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def assert_sane(result, min_top1=0.0):
+    assert 0.0 <= result["top1"] <= 100.0
+    assert result["top1"] <= result["top5"] <= 100.0
+    assert result["top1"] > min_top1, result
+
+
+@pytest.fixture(scope="module")
+def knn_single(checkpoint):
+    """One single-process kNN run with the default output path; its JSON."""
+    assert_ok(run_script([*KNN, "--checkpoint", checkpoint]))
+    return read_json(checkpoint.parent / "last_knn_synthetic.json")
+
+
+@pytest.fixture(scope="module")
+def linear_cached(checkpoint):
+    """One single-process linear probe on cached features with the default output path; its JSON."""
+    assert_ok(run_script([*LINEAR, "--checkpoint", checkpoint, "--cache_features", "true", "--epochs", "10",
+                          "--batch_size", "32"]))
+    return read_json(checkpoint.parent / "last_linear_synthetic.json")
+
+
+# ---- kNN ----
+def test_knn_writes_json_next_to_checkpoint(knn_single, checkpoint):
+    assert_sane(knn_single, min_top1=50.0)
+    assert knn_single["dataset"] == "synthetic"  # taken from the checkpoint's config
+    assert (knn_single["k"], knn_single["temperature"]) == (20, 0.07)
+    assert (knn_single["num_train"], knn_single["num_val"]) == (100, 50)
+    assert knn_single["checkpoint"] == str(checkpoint)
+
+
+def test_knn_torchrun_matches_single_process(knn_single, checkpoint, tmp_path):
+    out = tmp_path / "knn.json"
+    assert_ok(run_torchrun(2, [*KNN, "--checkpoint", checkpoint, "--out", out]))
+    result = read_json(out)
+    assert result["world_size"] == 2
+    assert (result["top1"], result["top5"]) == (knn_single["top1"], knn_single["top5"])
+    assert (result["num_train"], result["num_val"]) == (100, 50)
+
+
+def test_knn_plain_state_dict(knn_single, checkpoint, tmp_path):
+    plain = tmp_path / "trunk.pt"
+    torch.save(torch.load(checkpoint, weights_only=True)["backbone"], plain)
+    out = tmp_path / "knn.json"
+    assert_ok(run_script([*KNN, "--checkpoint", plain, "--dataset", "synthetic", "--arch", "resnet18",
+                          "--image_size", "32", "--cifar_stem", "true", "--out", out]))
+    result = read_json(out)
+    assert (result["top1"], result["top5"]) == (knn_single["top1"], knn_single["top5"])
+    # without --arch nothing says how to build the trunk
+    assert_one_line_error(run_script([*KNN, "--checkpoint", plain, "--dataset", "synthetic", "--image_size",
+                                      "32"]), "--arch")
+    assert not (tmp_path / "trunk_knn_synthetic.json").exists()
+
+
+# ---- linear probe ----
+def test_linear_cached_features(linear_cached):
+    assert_sane(linear_cached, min_top1=50.0)
+    assert linear_cached["cache_features"] is True
+    assert (linear_cached["epochs"], linear_cached["num_train"], linear_cached["num_val"]) == (10, 100, 50)
+    assert linear_cached["num_classes"] == 10
+
+
+def test_linear_augmented_one_epoch(checkpoint, tmp_path):
+    out = tmp_path / "linear.json"
+    proc = run_script(["linear_eval.py", *DATA, "--checkpoint", checkpoint, "--epochs", "1", "--batch_size",
+                       "32", "--out", out])  # default precision (bf16)
+    assert_ok(proc)
+    result = read_json(out)
+    assert_sane(result)
+    assert result["cache_features"] is False and result["precision"] == "bf16"
+    assert result["train_loss"] > 0
+
+
+def test_linear_torchrun_matches_single_process(linear_cached, checkpoint, tmp_path):
+    """Two ranks, each half of a global batch of 32: the same training as one process with batches of 32."""
+    out = tmp_path / "linear.json"
+    assert_ok(run_torchrun(2, [*LINEAR, "--checkpoint", checkpoint, "--cache_features", "true", "--epochs",
+                               "10", "--batch_size", "16", "--out", out]))
+    result = read_json(out)
+    assert (result["world_size"], result["global_batch"]) == (2, 32)
+    assert result["train_loss"] == pytest.approx(linear_cached["train_loss"], rel=1e-4)
+    assert abs(result["top1"] - linear_cached["top1"]) <= 100 / 50  # at most one val image (float rounding)
+
+
+# ---- usage errors ----
+@pytest.mark.parametrize("script", ["knn_eval.py", "linear_eval.py"])
+def test_corrupt_checkpoint(script, tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(random.Random(0).randbytes(4096))
+    assert_one_line_error(run_script([script, "--checkpoint", bad, *DATA]), str(bad))
+
+
+def test_missing_checkpoint(tmp_path):
+    assert_one_line_error(run_script(["knn_eval.py", "--checkpoint", tmp_path / "nope.pt", *DATA]),
+                          "does not exist")
