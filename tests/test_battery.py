@@ -75,11 +75,12 @@ def test_distributed_equals_single_process(method):
 # ---- (3) end to end, one process and torchrun ----
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """One uninterrupted 2-epoch run per method (with a snapshot every epoch), shared by several tests."""
+    """One uninterrupted 2-epoch run per method (a snapshot every epoch, the kNN monitor at epoch 2), shared
+    by several tests."""
     runs = {}
     for method in METHODS:
         out = tmp_path_factory.mktemp(method) / "run"
-        result = run_script(quick_args(method, out, 2, "--snapshot_every", "1"))
+        result = run_script(quick_args(method, out, 2, "--snapshot_every", "1", "--knn_every", "2"))
         assert result.returncode == 0, result.stderr[-3000:]
         runs[method] = out
     return runs
@@ -95,6 +96,8 @@ def test_end_to_end_one_process(method, trained):
     assert lines[0]["event"] == "config" and lines[0]["global_batch"] == 16
     losses = [line["train/epoch_loss"] for line in lines if "train/epoch_loss" in line]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    knn = [line for line in lines if "eval/knn_top1" in line]  # the online monitor ran once, at epoch 2
+    assert [line["epoch"] for line in knn] == [2] and 0 <= knn[0]["eval/knn_top1"] <= 100
     # the trunk alone loads into the matching torchvision model without renaming keys
     from common.backbones import build_backbone
     trunk, _ = build_backbone(**ckpt["backbone_args"])
