@@ -1,0 +1,334 @@
+"""BYOL: "Bootstrap Your Own Latent: A New Approach to Self-Supervised Learning".
+Jean-Bastien Grill, Florian Strub, Florent Altche, Corentin Tallec, Pierre H. Richemond, Elena Buchatskaya,
+Carl Doersch, Bernardo Avila Pires, Zhaohan Daniel Guo, Mohammad Gheshlaghi Azar, Bilal Piot, Koray
+Kavukcuoglu, Remi Munos, Michal Valko. NeurIPS 2020. arXiv:2006.07733.
+
+Two views v, v' of each image go through an online network (encoder f_theta, projector g_theta, predictor
+q_theta) and a target network (f_xi, g_xi), a copy of the online encoder and projector that gets no
+gradient. The online prediction of one view regresses the target projection of the other:
+
+    L(v, v') = 2 - 2 * <q_theta(z_theta), z'_xi> / (||q_theta(z_theta)|| * ||z'_xi||),
+    loss     = mean over the batch of L(v, v') + L(v', v)           (Eq. 2, and the paper's L + L~)
+
+so identical directions give 0 and opposite ones 2 x 4 = 8. Only theta is trained; after each optimizer
+step k of K the target follows it, xi <- tau * xi + (1 - tau) * theta (parameters only), with
+tau = 1 - (1 - base_tau) * (cos(pi * k / K) + 1) / 2. The paper's pseudo-code (Algorithm 1) in this file:
+    q_theta(g_theta(f_theta(v)))          BYOL.forward, online branch: p1, p2
+    sg(g_xi(f_xi(v')))                    BYOL.forward, under torch.no_grad(): z1, z2 (detached)
+    L + L~                                byol_loss(p1, p2, z1, z2)
+    theta <- optimizer(theta, grad, lr)   LARS / SGD step in train()
+    xi <- tau xi + (1 - tau) theta        BYOL.update_target(tau) -> ema_update; tau = momentum_at(step)
+After training, the online encoder f_theta is the representation ("backbone" in the checkpoint).
+
+Run (batch_size is per rank; lr is per 256 images and scaled by the global batch):
+    python byol.py --config configs/byol.yaml --data_dir data --download true
+    torchrun --nproc_per_node=4 byol.py --config configs/byol.yaml
+    python knn_eval.py --checkpoint runs/byol/last.pt
+"""
+import copy
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from common.augment import eval_transform, two_views
+from common.backbones import backbone_args, build_backbone
+from common.config import UsageError, parse_config, usage_errors
+from common.data import EpochSampler, SeededViews, Transformed, build_dataset, subset
+from common.knn import knn_accuracy
+from common.runtime import (MetricLog, autocast, init_distributed, load_checkpoint, prepare_run_folder,
+                            rng_states, save_checkpoint, set_rng_states)
+
+
+@dataclass
+class Config:
+    # data
+    dataset: str = "cifar10"  # cifar10 | cifar100 | stl10 | folder | synthetic
+    data_dir: str = "data"  # dataset root (folder: an ImageFolder tree with train/ and val/)
+    download: bool = False  # let torchvision download cifar10 / cifar100 / stl10 into data_dir
+    subset: int = 0  # pre-train on a fixed random subset of this many images (0 = all)
+    image_size: int = 32  # side of the random crops
+    augment: str = "asym"  # view preset (common/augment.py): sym | sym_weak | asym
+    crop_min_scale: float = 0.08  # smallest area fraction of RandomResizedCrop
+    num_workers: int = 4  # data-loading processes per rank
+    # model
+    arch: str = "resnet18"  # backbone (common/backbones.py)
+    cifar_stem: str = "auto"  # 3x3 stride-1 first conv, no max-pool: auto (on at <= 64 px) | true | false
+    patch_size: int = 16  # ViT patch size
+    proj_hidden_dim: int = 4096  # projector g: Linear-BN-ReLU-Linear
+    proj_dim: int = 256  # width of z (and of the predictor's output)
+    pred_hidden_dim: int = 4096  # predictor q: Linear-BN-ReLU-Linear
+    base_tau: float = 0.99  # EMA momentum of the target at step 0; cosine up to 1 at the last step
+    # optimisation
+    epochs: int = 1000  # training length
+    batch_size: int = 256  # images per rank; global_batch = batch_size x world_size
+    optimizer: str = "lars"  # lars | sgd
+    lr: float = 1.0  # per 256 images: the peak lr is lr x global_batch / 256
+    min_lr: float = 0.0  # lr at the end of the cosine
+    warmup_epochs: float = 10.0  # linear warm-up from 0 to the peak lr
+    weight_decay: float = 1e-5  # not applied to biases and norm parameters
+    momentum: float = 0.9  # SGD / LARS momentum
+    lars_eta: float = 0.02  # LARS trust coefficient
+    lars_clip: bool = True  # LARC-style clipping: the adapted lr never exceeds the scheduled lr
+    precision: str = "bf16"  # bf16 | fp16 (GPU only, with a GradScaler) | fp32
+    channels_last: bool = True  # NHWC memory format (faster convolutions with mixed precision)
+    compile: bool = False  # torch.compile the model
+    seed: int = 0  # model init, data order and augmentations
+    # run
+    out_dir: str = "runs/byol"  # run folder: config.json, metrics.jsonl, last.pt, epoch_XXXX.pt
+    resume: bool = False  # continue the run in out_dir from its last.pt
+    snapshot_every: int = 100  # also keep epoch_XXXX.pt every this many epochs (last.pt: every epoch)
+    log_every: int = 10  # steps between lines of metrics.jsonl
+    knn_every: int = 0  # epochs between online kNN checks on the labelled train/val splits (0 = off)
+    knn_k: int = 200  # neighbours of the kNN monitor
+    knn_temperature: float = 0.07  # vote temperature of the kNN monitor
+
+
+# ---- model ----
+def mlp(in_dim, hidden_dim, out_dim):
+    """The projector and predictor of the paper: Linear-BN-ReLU-Linear, no BN on the output."""
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+                         nn.Linear(hidden_dim, out_dim))
+
+
+class BYOL(nn.Module):
+    """The online network (backbone, projector, predictor) and the target network (target_backbone,
+    target_projector) in one module, so that state_dict(), checkpoints and resume hold both.
+
+    The target starts as a copy of the online encoder and projector (the paper's code draws it from another
+    seed and reports no difference) and has requires_grad=False: the optimizer never sees it. Only its
+    parameters follow the online ones (update_target); its BN buffers are its own, updated by its train-mode
+    forward on the same views, as in the paper's code (target_state comes from the target's forward). Both
+    are in state_dict(), so a resumed run continues them exactly."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.backbone_args = backbone_args(cfg.arch, cfg.image_size, cfg.cifar_stem, cfg.patch_size)
+        self.backbone, width = build_backbone(**self.backbone_args)  # f_theta
+        self.projector = mlp(width, cfg.proj_hidden_dim, cfg.proj_dim)  # g_theta
+        self.predictor = mlp(cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim)  # q_theta
+        self.target_backbone = copy.deepcopy(self.backbone).requires_grad_(False)  # f_xi
+        self.target_projector = copy.deepcopy(self.projector).requires_grad_(False)  # g_xi
+
+    def forward(self, x1, x2):
+        # one view at a time, as in the paper's code: BN statistics are those of one view's batch
+        p1 = self.predictor(self.projector(self.backbone(x1)))  # n x proj_dim: q_theta(z_theta) of view 1
+        p2 = self.predictor(self.projector(self.backbone(x2)))  # n x proj_dim: of view 2
+        with torch.no_grad():  # sg(.): the target branch gets no gradient
+            z1 = self.target_projector(self.target_backbone(x1))  # n x proj_dim: z_xi of view 1
+            z2 = self.target_projector(self.target_backbone(x2))  # n x proj_dim: z_xi of view 2
+        return p1, p2, z1.detach(), z2.detach()
+
+    def update_target(self, tau):
+        ema_update(self.target_backbone, self.backbone, tau)
+        ema_update(self.target_projector, self.projector, tau)
+
+
+@torch.no_grad()
+def ema_update(target, online, tau):
+    """xi <- tau * xi + (1 - tau) * theta for every parameter; buffers are left alone (see BYOL)."""
+    for xi, theta in zip(target.parameters(), online.parameters(), strict=True):
+        xi.mul_(tau).add_(theta, alpha=1 - tau)
+
+
+# ---- loss and cross-rank operations ----
+# No cross-rank operation: the loss is a mean over this rank's images, so the mean over ranks (what DDP's
+# gradient averaging optimises, with equal batches on every rank) is the mean over the global batch.
+def byol_loss(p1, p2, z1, z2):
+    """L + L~ of the paper. p1, p2: n x d online predictions of views 1 and 2; z1, z2: n x d target
+    projections of views 1 and 2 (detached here too: no gradient reaches the target).
+    Returns mean_i [2 - 2 cos(p1_i, z2_i)] + mean_i [2 - 2 cos(p2_i, z1_i)], in [0, 8]."""
+    p1, p2 = F.normalize(p1.float(), dim=1), F.normalize(p2.float(), dim=1)  # fp32 outside autocast
+    z1, z2 = F.normalize(z1.detach().float(), dim=1), F.normalize(z2.detach().float(), dim=1)
+    return (2 - 2 * (p1 * z2).sum(1)).mean() + (2 - 2 * (p2 * z1).sum(1)).mean()
+
+
+# ---- optimizer and schedules ----
+class LARS(torch.optim.Optimizer):
+    """LARS (You et al., 2017, arXiv:1708.03888) as used by SimCLR, BYOL and Barlow Twins.
+
+    For each weight matrix: d = grad + weight_decay * w, trust ratio q = eta * ||w|| / ||d||, then SGD with
+    momentum on q * d. Parameters with ndim == 1 (biases, BN and LayerNorm weights) get neither weight decay
+    nor adaptation: plain SGD with momentum. With clip=True the adapted step is capped at the scheduled lr
+    (q <- min(q / lr, 1)), as in apex's LARC "clip" mode and solo-learn. Differences from the others:
+    SimCLR-TF's LARS selects the excluded variables by name and uses eta 0.001 without clipping; apex LARC
+    computes the trust ratio as eta * ||w|| / (||g|| + wd * ||w||) rather than from ||g + wd * w||."""
+
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.02, clip=True):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, clip=clip))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if p.ndim > 1:
+                    d = d.add(p, alpha=group["weight_decay"])
+                    w_norm, d_norm = p.norm(), d.norm()
+                    q = torch.where((w_norm > 0) & (d_norm > 0), group["eta"] * w_norm / d_norm, 1.0)
+                    if group["clip"]:
+                        q = (q / group["lr"]).clamp(max=1.0) if group["lr"] > 0 else torch.ones_like(q)
+                    d = d.mul(q)
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                buf.mul_(group["momentum"]).add_(d)
+                p.add_(buf, alpha=-group["lr"])
+
+
+def build_optimizer(cfg, model):
+    params = [p for p in model.parameters() if p.requires_grad]  # the online network; the target follows by EMA
+    if cfg.optimizer == "lars":
+        return LARS(params, lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                    eta=cfg.lars_eta, clip=cfg.lars_clip)
+    if cfg.optimizer == "sgd":
+        groups = [{"params": [p for p in params if p.ndim > 1]},
+                  {"params": [p for p in params if p.ndim == 1], "weight_decay": 0.0}]
+        return torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    raise UsageError(f"optimizer must be lars or sgd, got {cfg.optimizer!r}")
+
+
+def lr_at(step, total_steps, warmup_steps, peak_lr, min_lr=0.0):
+    """Linear warm-up from 0 to peak_lr over warmup_steps, then a cosine down to min_lr at total_steps."""
+    if step < warmup_steps:
+        return peak_lr * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + 0.5 * (peak_lr - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def momentum_at(step, total_steps, base):
+    """EMA momentum tau of the target, as in the paper: base at step 0, a cosine up to 1 at total_steps."""
+    return 1 - (1 - base) * (math.cos(math.pi * min(step, total_steps) / total_steps) + 1) / 2
+
+
+def mean_over_ranks(x):
+    """No grad (logging only): the average of a detached scalar over ranks, as a float."""
+    if dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= dist.get_world_size()
+    return x.item()
+
+
+# ---- training ----
+def train(cfg):
+    rank, world_size, device = init_distributed()
+    is_main = rank == 0
+    global_batch = cfg.batch_size * world_size
+    torch.manual_seed(cfg.seed)
+
+    # ---- data ----
+    views = two_views(cfg.augment, cfg.image_size, cfg.dataset, scale=(cfg.crop_min_scale, 1.0))
+    images = subset(build_dataset(cfg.dataset, cfg.data_dir, "pretrain", cfg.download, cfg.image_size),
+                    cfg.subset, cfg.seed)
+    train_set = SeededViews(images, views, seed=cfg.seed)
+    sampler = EpochSampler(DistributedSampler(train_set, world_size, rank, shuffle=True, seed=cfg.seed,
+                                              drop_last=True))
+    loader = DataLoader(train_set, cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
+                        pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0, drop_last=True)
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise UsageError(f"{len(train_set)} images make no full batch of {cfg.batch_size} x {world_size} "
+                         "ranks; lower --batch_size")
+    total_steps = cfg.epochs * steps_per_epoch
+    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+    peak_lr = cfg.lr * global_batch / 256
+
+    # ---- model ----
+    model = BYOL(cfg).to(device)
+    if world_size > 1 and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    optimizer = build_optimizer(cfg, model)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    precision = autocast(device, cfg.precision)
+
+    # ---- run folder and resume ----
+    last = prepare_run_folder(cfg, cfg.resume, is_main, world_size=world_size, global_batch=global_batch,
+                              peak_lr=peak_lr, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+    step, start_epoch = 0, 0
+    if cfg.resume:
+        ckpt = load_checkpoint(last)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        step, start_epoch = ckpt["step"], ckpt["epoch"]
+        set_rng_states(ckpt["rng"])
+    ddp_model = DDP(model) if world_size > 1 else model
+    if cfg.compile:
+        ddp_model = torch.compile(ddp_model)
+    log = MetricLog(cfg.out_dir, is_main)
+    knn_sets = None
+
+    # ---- loop ----
+    for epoch in range(start_epoch, cfg.epochs):
+        sampler.set_epoch(epoch)
+        model.train()
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not is_main, dynamic_ncols=True)
+        epoch_loss, tic = 0.0, time.time()
+        for (x1, x2), _ in bar:
+            lr = lr_at(step, total_steps, warmup_steps, peak_lr, cfg.min_lr)
+            tau = momentum_at(step, total_steps, cfg.base_tau)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x1 = x1.to(device, non_blocking=True, memory_format=memory_format)
+            x2 = x2.to(device, non_blocking=True, memory_format=memory_format)
+            with precision:
+                p1, p2, z1, z2 = ddp_model(x1, x2)
+            loss = byol_loss(p1, p2, z1, z2)
+            loss_value = mean_over_ranks(loss.detach())
+            if not math.isfinite(loss_value):
+                raise SystemExit(f"error: loss is {loss_value} at step {step} (epoch {epoch + 1}); stopped "
+                                 f"before the update, {last} is untouched. Lower --lr, lengthen "
+                                 "--warmup_epochs or try --precision fp32, then --resume.")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            model.update_target(tau)  # after the step: xi <- tau * xi + (1 - tau) * theta
+            step += 1
+            epoch_loss += loss_value
+            images_per_s = global_batch * (bar.n + 1) / max(time.time() - tic, 1e-9)
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.3g}", img_s=f"{images_per_s:.0f}")
+            if step % cfg.log_every == 0:
+                log.write(step=step, epoch=epoch + 1, **{"train/loss": loss_value, "train/lr": lr,
+                                                        "schedule/momentum": tau})
+        log.write(step=step, epoch=epoch + 1, **{"train/epoch_loss": epoch_loss / steps_per_epoch,
+                                                 "train/images_per_s": global_batch * steps_per_epoch
+                                                 / (time.time() - tic)})
+
+        if cfg.knn_every and (epoch + 1) % cfg.knn_every == 0:
+            if knn_sets is None:
+                knn_sets = [Transformed(build_dataset(cfg.dataset, cfg.data_dir, split, image_size=cfg.image_size),
+                                        eval_transform(cfg.image_size, cfg.dataset)) for split in ("train", "val")]
+            top1, top5 = knn_accuracy(model.backbone, *knn_sets, cfg.knn_k, cfg.knn_temperature, 2 * cfg.batch_size,
+                                      cfg.num_workers, device, precision, rank, world_size)
+            log.write(step=step, epoch=epoch + 1, **{"eval/knn_top1": top1, "eval/knn_top5": top5})
+            if is_main:
+                tqdm.write(f"epoch {epoch + 1}: kNN top-1 {top1:.2f}%  top-5 {top5:.2f}%")
+
+        if is_main:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scaler": scaler.state_dict(), "step": step, "epoch": epoch + 1, "config": asdict(cfg),
+                     "rng": rng_states(), "backbone": model.backbone.state_dict(),
+                     "backbone_args": model.backbone_args}
+            save_checkpoint(state, last)
+            if (epoch + 1) % cfg.snapshot_every == 0 or epoch + 1 == cfg.epochs:
+                save_checkpoint(state, os.path.join(cfg.out_dir, f"epoch_{epoch + 1:04d}.pt"))
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    with usage_errors():
+        train(parse_config(Config))

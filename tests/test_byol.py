@@ -1,0 +1,107 @@
+"""BYOL-specific checks: the EMA target update and its momentum schedule, the stop-gradient on the target
+branch, and the loss at its endpoints (what the battery's formula and resume tests do not pin down)."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import byol
+
+
+def small_model():
+    cfg = byol.Config(proj_hidden_dim=32, proj_dim=16, pred_hidden_dim=32)
+    torch.manual_seed(0)
+    return byol.BYOL(cfg)
+
+
+# ---- the EMA update: xi <- tau * xi + (1 - tau) * theta, parameters only ----
+def dyadic_net(seed):
+    """Linear-BN whose parameters and buffers are small multiples of 1/8, so that tau = 0.75 gives an
+    exactly representable convex combination (no rounding to blur an off-by-one-term update)."""
+    g = torch.Generator().manual_seed(seed)
+    net = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4))
+    with torch.no_grad():
+        for t in list(net.parameters()) + [net[1].running_mean, net[1].running_var]:
+            t.copy_(torch.randint(-16, 17, t.shape, generator=g) / 8)
+    return net
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.0, 0.75])
+def test_ema_update_is_the_convex_combination(tau):
+    online, target = dyadic_net(0), dyadic_net(1).requires_grad_(False)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    byol.ema_update(target, online, tau)
+    for name, theta in online.named_parameters():
+        expected = tau * before[name] + (1 - tau) * theta.detach()
+        assert torch.equal(target.get_parameter(name), expected), name
+    if tau == 1.0:
+        assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
+    if tau == 0.0:
+        assert all(torch.equal(p, q) for p, q in zip(target.parameters(), online.parameters()))
+    # buffers are the target's own: the EMA never touches them
+    for name in ("1.running_mean", "1.running_var", "1.num_batches_tracked"):
+        assert torch.equal(target.state_dict()[name], before[name])
+
+
+def test_update_target_covers_the_whole_target_network():
+    model = small_model()
+    with torch.no_grad():
+        for p in list(model.backbone.parameters()) + list(model.projector.parameters()):
+            p.add_(1.0)  # online and target now differ everywhere
+    model.update_target(0.0)
+    for online, target in ((model.backbone, model.target_backbone), (model.projector, model.target_projector)):
+        for (name, theta), (name_t, xi) in zip(online.named_parameters(), target.named_parameters(), strict=True):
+            assert name == name_t and torch.equal(theta, xi), name
+
+
+def test_momentum_schedule():
+    total, base = 1000, 0.99
+    assert byol.momentum_at(0, total, base) == pytest.approx(base, abs=1e-15)
+    assert byol.momentum_at(total, total, base) == 1.0
+    assert byol.momentum_at(total // 2, total, base) == pytest.approx((1 + base) / 2)
+    values = [byol.momentum_at(s, total, base) for s in range(total + 1)]
+    assert all(a < b for a, b in zip(values, values[1:]))
+    assert byol.momentum_at(1, total, base) == pytest.approx(1 - (1 - base) * (math.cos(math.pi / total) + 1) / 2)
+
+
+# ---- the stop-gradient ----
+def test_target_gets_no_gradient():
+    model = small_model()
+    for online, target in ((model.backbone, model.target_backbone), (model.projector, model.target_projector)):
+        assert all(torch.equal(p, q) for p, q in zip(online.parameters(), target.parameters()))  # a copy
+    assert all(not p.requires_grad for p in model.target_backbone.parameters())
+    assert all(not p.requires_grad for p in model.target_projector.parameters())
+    g = torch.Generator().manual_seed(0)
+    x1, x2 = torch.randn(4, 3, 32, 32, generator=g), torch.randn(4, 3, 32, 32, generator=g)
+    p1, p2, z1, z2 = model(x1, x2)
+    assert not z1.requires_grad and not z2.requires_grad and p1.requires_grad
+    byol.byol_loss(p1, p2, z1, z2).backward()
+    for name, p in model.named_parameters():
+        if name.startswith("target_"):
+            assert p.grad is None, name
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.predictor.parameters())
+    assert model.backbone.conv1.weight.grad.abs().sum() > 0
+    # the optimizer holds the online network only
+    optimizer = byol.build_optimizer(byol.Config(), model)
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert held == {id(p) for name, p in model.named_parameters() if not name.startswith("target_")}
+
+
+def test_loss_detaches_the_targets_it_is_given():
+    g = torch.Generator().manual_seed(0)
+    p1, p2, z1, z2 = (torch.randn(6, 8, generator=g).requires_grad_() for _ in range(4))
+    byol.byol_loss(p1, p2, z1, z2).backward()
+    assert z1.grad is None and z2.grad is None
+    assert p1.grad is not None and p2.grad is not None
+
+
+# ---- the loss at its endpoints: 0 for aligned, 2 x (2 - 2 * (-1)) = 8 for opposite directions ----
+def test_loss_endpoints_and_pairing():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g)
+    assert byol.byol_loss(a, b, b, a).item() == pytest.approx(0.0, abs=1e-6)  # p1 ~ z2, p2 ~ z1
+    assert byol.byol_loss(3 * a, 0.5 * b, b, a).item() == pytest.approx(0.0, abs=1e-6)  # scale-free
+    assert byol.byol_loss(a, b, -b, -a).item() == pytest.approx(8.0, abs=1e-6)
+    # the views are crossed: predicting the target of the SAME view is not what is rewarded
+    assert byol.byol_loss(a, b, a, b).item() > 1.0
