@@ -78,17 +78,25 @@ def test_distributed_equals_single_process(method):
 
 
 # ---- (3) end to end, one process and torchrun ----
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """One uninterrupted 2-epoch run per method (a snapshot every epoch, the kNN monitor at epoch 2), shared
-    by several tests."""
-    runs = {}
-    for method in METHODS:
-        out = tmp_path_factory.mktemp(method) / "run"
+class TrainedRuns(dict):
+    """One uninterrupted 2-epoch run per method (a snapshot every epoch, the kNN monitor at epoch 2), made
+    the first time a test asks for that method, and shared by the tests that follow."""
+
+    def __init__(self, root):
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, method):
+        out = self.root / method / "run"
         result = run_script(quick_args(method, out, 2, "--snapshot_every", "1", "--knn_every", "2"))
         assert result.returncode == 0, result.stderr[-3000:]
-        runs[method] = out
-    return runs
+        self[method] = out
+        return out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return TrainedRuns(tmp_path_factory.mktemp("trained"))
 
 
 @pytest.mark.parametrize("method", METHODS)
