@@ -1,0 +1,98 @@
+"""SimSiam's own tests, beyond the battery: the stop-gradient, the predictor's fixed lr, the collapse monitor."""
+import json
+import math
+
+import pytest
+import torch
+
+import simsiam
+from conftest import run_script
+from test_battery import quick_args
+
+SMALL = dict(proj_hidden_dim=64, proj_dim=32, pred_hidden_dim=16)
+
+
+def test_stop_gradient_leaves_z_without_gradient():
+    """The paper's stop-gradient: the loss trains p only; z is a constant target (no gradient at all)."""
+    g = torch.Generator().manual_seed(0)
+    p1, p2, z1, z2 = (torch.randn(8, 16, generator=g).requires_grad_() for _ in range(4))
+    simsiam.simsiam_loss(p1, p2, z1, z2).backward()
+    assert z1.grad is None and z2.grad is None
+    assert p1.grad is not None and p1.grad.abs().sum() > 0
+    assert p2.grad is not None and p2.grad.abs().sum() > 0
+
+
+def test_stop_gradient_through_a_shared_encoder():
+    """With p = h(z), z's gradient is exactly the one that flows through h, i.e. that of the loss whose
+    targets are constants; without the stop-gradient it would also get D's gradient w.r.t. z."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 16, generator=g)
+    z1, z2 = (torch.randn(8, 16, generator=g).requires_grad_() for _ in range(2))
+    simsiam.simsiam_loss(z1 @ w, z2 @ w, z1, z2).backward()
+    c1, c2 = z1.detach().clone().requires_grad_(), z2.detach().clone().requires_grad_()
+    cos = torch.nn.functional.cosine_similarity
+    expected = -(cos(c1 @ w, z2.detach(), dim=1).mean() + cos(c2 @ w, z1.detach(), dim=1).mean()) / 2
+    expected.backward()
+    torch.testing.assert_close(z1.grad, c1.grad)
+    torch.testing.assert_close(z2.grad, c2.grad)
+    n1, n2 = z1.detach().clone().requires_grad_(), z2.detach().clone().requires_grad_()
+    no_stop = -(cos(n1 @ w, n2, dim=1).mean() + cos(n2 @ w, n1, dim=1).mean()) / 2
+    no_stop.backward()
+    assert not torch.allclose(n1.grad, z1.grad)  # the test can tell the two apart
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "lars"])
+def test_predictor_lr_stays_fixed_while_the_rest_follows_the_cosine(optimizer):
+    cfg = simsiam.Config(optimizer=optimizer, **SMALL)
+    model = simsiam.SimSiam(cfg)
+    opt = simsiam.build_optimizer(cfg, model)
+    fixed = {id(p) for group in opt.param_groups if group["fix_lr"] for p in group["params"]}
+    assert fixed == {id(p) for p in model.predictor.parameters()}  # exactly the predictor's parameters
+    scheduled = {id(p) for group in opt.param_groups if not group["fix_lr"] for p in group["params"]}
+    assert scheduled == {id(p) for p in [*model.backbone.parameters(), *model.projector.parameters()]}
+    total, warmup, peak = 100, 10, 0.8
+    for step in (0, 5, 10, 50, 99, 100):
+        lr = simsiam.lr_at(step, total, warmup, peak)
+        simsiam.set_lr(opt, lr, fixed_lr=peak)
+        for group in opt.param_groups:
+            assert group["lr"] == (peak if group["fix_lr"] else pytest.approx(lr))
+    assert simsiam.lr_at(99, total, warmup, peak) < 0.01 * peak  # the others did decay
+
+
+def test_collapse_std():
+    g = torch.Generator().manual_seed(0)
+    d = 256
+    healthy = simsiam.collapse_std(torch.randn(4096, d, generator=g))
+    assert healthy.item() == pytest.approx(1 / math.sqrt(d), rel=0.02)
+    collapsed = torch.randn(1, d, generator=g).expand(512, d) * 3.0
+    assert simsiam.collapse_std(collapsed).item() == pytest.approx(0.0, abs=1e-6)
+    # the scale of z does not matter (z is normalised); a nearly collapsed z is far below 1/sqrt(d)
+    almost = torch.randn(1, d, generator=g) + 0.01 * torch.randn(512, d, generator=g)
+    assert simsiam.collapse_std(almost).item() < 0.05 / math.sqrt(d)
+    assert simsiam.collapse_std(7.0 * torch.randn(4096, d, generator=g)).item() == pytest.approx(
+        1 / math.sqrt(d), rel=0.02)
+
+
+def test_run_logs_z_std_warns_below_threshold_and_keeps_predictor_lr(tmp_path):
+    """A run with the threshold above the healthy value (z_std can hardly exceed 1/sqrt(d)): the warning is
+    on stderr; the checkpoint's predictor groups are at the peak lr, the others well down the cosine."""
+    out = tmp_path / "run"
+    result = run_script(quick_args("simsiam", out, 1, "--collapse_warn", "2", "--warmup_epochs", "0"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "train/z_std" in warnings[0] and "collapsing" in warnings[0], result.stderr
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    [epoch] = [line for line in lines if "train/z_std" in line]
+    assert epoch["train/z_std_healthy"] == pytest.approx(1 / math.sqrt(32))
+    assert 0.0 < epoch["train/z_std"] < 2 * epoch["train/z_std_healthy"]
+    peak = lines[0]["peak_lr"]
+    groups = torch.load(out / "last.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert {g["fix_lr"] for g in groups} == {True, False}
+    for group in groups:  # the last step (3 of 4) set the others to peak x (1 + cos(3 pi / 4)) / 2 = 0.15 peak
+        assert (group["lr"] == peak) if group["fix_lr"] else (group["lr"] < 0.2 * peak)
+
+
+def test_no_warning_at_the_default_threshold(tmp_path):
+    result = run_script(quick_args("simsiam", tmp_path / "run", 1))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "warning:" not in result.stderr
