@@ -41,8 +41,8 @@ from common.backbones import backbone_args, build_backbone
 from common.config import UsageError, parse_config, usage_errors
 from common.data import EpochSampler, SeededViews, Transformed, build_dataset, subset
 from common.knn import knn_accuracy
-from common.runtime import (MetricLog, autocast, init_distributed, load_checkpoint, prepare_run_folder,
-                            rng_states, save_checkpoint, set_rng_states)
+from common.runtime import (MetricLog, autocast, changed_settings, init_distributed, load_checkpoint,
+                            prepare_run_folder, rng_states, save_checkpoint, set_rng_states)
 
 
 @dataclass
@@ -261,6 +261,9 @@ def train(cfg):
         scaler.load_state_dict(ckpt["scaler"])
         step, start_epoch = ckpt["step"], ckpt["epoch"]
         set_rng_states(ckpt["rng"])
+        changed = changed_settings(ckpt["config"], cfg)  # e.g. a longer --epochs reshapes the schedule
+        if is_main and changed:
+            tqdm.write(f"resuming with changed settings: {'; '.join(changed)}")
     ddp_model = DDP(model) if world_size > 1 else model
     if cfg.compile:
         ddp_model = torch.compile(ddp_model)

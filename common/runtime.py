@@ -67,6 +67,12 @@ def prepare_run_folder(cfg, resume, is_main, **derived):
     return last
 
 
+def changed_settings(saved, cfg):
+    """'key: old -> new' for each config value that differs from the checkpoint's (resume itself aside)."""
+    return [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
+            if k != "resume" and saved.get(k) != v]
+
+
 class MetricLog:
     """Appends one JSON object per call to out_dir/metrics.jsonl (main rank only)."""
 

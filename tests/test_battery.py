@@ -198,6 +198,7 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(method, tmp_path):
     blown = run_script(quick_args(method, run, 3, "--optimizer", "sgd", "--resume", "--lr", "1e30",
                                   "--warmup_epochs", "0"))
     assert_clean_error(blown, "loss is nan")
+    assert "resuming with changed settings: epochs: 1 -> 3; lr: " in blown.stdout
     assert hashlib.sha256((run / "last.pt").read_bytes()).hexdigest() == digest
     assert not list(run.glob("*.tmp"))
 
