@@ -34,7 +34,7 @@ from common.config import UsageError, parse_config, usage_errors
 from common.data import EpochSampler, SeededViews, Transformed, build_dataset, subset
 from common.knn import knn_accuracy
 from common.runtime import (MetricLog, autocast, changed_settings, init_distributed, load_checkpoint,
-                            prepare_run_folder, rng_states, save_checkpoint, set_rng_states)
+                            load_state, prepare_run_folder, rng_states, save_checkpoint, set_rng_states)
 
 
 @dataclass
@@ -241,9 +241,9 @@ def train(cfg):
     step, start_epoch = 0, 0
     if cfg.resume:
         ckpt = load_checkpoint(last)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        load_state(model, ckpt["model"], last)
+        load_state(optimizer, ckpt["optimizer"], last)
+        load_state(scaler, ckpt["scaler"], last)
         step, start_epoch = ckpt["step"], ckpt["epoch"]
         set_rng_states(ckpt["rng"])
         changed = changed_settings(ckpt["config"], cfg)  # e.g. a longer --epochs reshapes the schedule

@@ -120,6 +120,16 @@ def load_checkpoint(path):
                          "it is corrupt or not a checkpoint of these scripts") from None
 
 
+def load_state(target, state, path):
+    """target.load_state_dict(state) (strict) for a model, optimizer or scaler being resumed; a checkpoint
+    that does not fit (another arch, head width or optimizer) is a UsageError naming the file."""
+    try:
+        target.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise UsageError(f"{path} does not fit this run's {type(target).__name__} ({str(e).splitlines()[0]}); "
+                         "resume with the settings it was trained with (its config.json)") from None
+
+
 def write_json(obj, path):
     """Atomic, like save_checkpoint: a temporary file renamed over `path` (parent folders are created)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -10,8 +10,11 @@ cd "$(dirname "$0")/.."
 method=${1:-simclr}; epochs=${2:-20}; shift $(( $# > 2 ? 2 : $# ))
 data=${DATA:-/tmp/cifar10-jpeg}
 out=${OUT_DIR:-runs/short_budget_$method}
+knn="--dataset folder --data_dir $data --k 200 --temperature 0.1 --num_workers 2"
 [ -d "$data/train" ] || tar -xzf ../shared/data/cifar10-jpeg.tar.gz -C "$(dirname "$data")"
-python - "$out" <<'PY'
+floor=${FLOOR_DIR:-runs/short_budget_floor}  # the random-init floor, computed once and shared by all methods
+if [ ! -f "$floor/random_init_knn_folder.json" ]; then
+  python - "$floor" <<'PY'
 import os, sys, torch
 from common.backbones import backbone_args, build_backbone
 torch.manual_seed(0)
@@ -19,14 +22,15 @@ os.makedirs(sys.argv[1], exist_ok=True)
 trunk, _ = build_backbone(**backbone_args("resnet18", 32, "false"))
 torch.save(trunk.state_dict(), os.path.join(sys.argv[1], "random_init.pt"))
 PY
-knn="--dataset folder --data_dir $data --k 200 --temperature 0.1 --num_workers 2"
-python knn_eval.py --checkpoint "$out/random_init.pt" --arch resnet18 --image_size 32 --cifar_stem false $knn
+  python knn_eval.py --checkpoint "$floor/random_init.pt" --arch resnet18 --image_size 32 --cifar_stem false $knn
+fi
 python "$method.py" --dataset folder --data_dir "$data" --subset 10000 --epochs "$epochs" --batch_size 256 \
   --cifar_stem false --num_workers 2 --out_dir "$out/train" "$@"
 python knn_eval.py --checkpoint "$out/train/last.pt" $knn
-python - "$out" <<'PY'
+python - "$floor" "$out" <<'PY'
 import glob, json, sys
-for f in sorted(glob.glob(f"{sys.argv[1]}/**/*knn*.json", recursive=True)):
+floor, run = sys.argv[1:]
+for f in sorted(glob.glob(f"{floor}/*knn*.json")) + sorted(glob.glob(f"{run}/**/*knn*.json", recursive=True)):
     r = json.load(open(f))
     print(f"{f}: kNN top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%  (k {r['k']}, T {r['temperature']})")
 PY

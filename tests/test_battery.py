@@ -187,6 +187,12 @@ def test_bad_input_is_a_clear_error(method, trained, tmp_path):
     corrupt.mkdir()
     (corrupt / "last.pt").write_bytes(b"\x00not a checkpoint" * 10)
     assert_clean_error(run_script(quick_args(method, corrupt, 2, "--resume")), "cannot read checkpoint")
+    # a checkpoint resumed with a config it does not fit (another arch) is reported, not half-loaded
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(trained[method] / "epoch_0001.pt", other / "last.pt")
+    assert_clean_error(run_script(quick_args(method, other, 2, "--resume", "--arch", "resnet34")),
+                       "does not fit this run's")
 
 
 @pytest.mark.parametrize("method", METHODS)
