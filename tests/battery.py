@@ -11,10 +11,12 @@ import torch.multiprocessing as mp
 
 def _entry(rank, world_size, init_file, out_dir, fn, args):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
-        torch.save(fn(rank, world_size, *args), os.path.join(out_dir, f"{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    torch.save(fn(rank, world_size, *args), os.path.join(out_dir, f"{rank}.pt"))
+    dist.barrier()  # no rank tears gloo down while another still has messages in flight
+    dist.destroy_process_group()
+    # the result is on disk: leave without running C++ static destructors, which now and then abort a
+    # gloo process at exit ("terminate called without an active exception") after all work is done
+    os._exit(0)
 
 
 def run_ranks(fn, world_size, *args):
