@@ -63,6 +63,7 @@ class Config:
     arch: str = "resnet18"  # backbone (common/backbones.py)
     cifar_stem: str = "auto"  # 3x3 stride-1 first conv, no max-pool: auto (on at <= 64 px) | true | false
     patch_size: int = 16  # ViT patch size
+    zero_init_residual: bool = False  # ResNets: start each residual block as the identity (last BN gamma = 0)
     proj_layers: int = 3  # Linear layers of the projector g: (proj_layers - 1) x Linear-BN-ReLU, then Linear
     proj_hidden_dim: int = 2048  # width of g's hidden layers
     proj_dim: int = 2048  # width of z (D, the side of the cross-correlation matrix)
@@ -101,7 +102,7 @@ class BarlowTwins(nn.Module):
         if cfg.proj_layers < 1:
             raise UsageError(f"proj_layers must be at least 1, got {cfg.proj_layers}")
         self.backbone_args = backbone_args(cfg.arch, cfg.image_size, cfg.cifar_stem, cfg.patch_size)
-        self.backbone, width = build_backbone(**self.backbone_args)  # f
+        self.backbone, width = build_backbone(**self.backbone_args, zero_init_residual=cfg.zero_init_residual)  # f
         # no biases, as in the paper's code: BN follows each hidden Linear, and the loss's normalisation
         # removes any constant offset of z
         dims = [width] + [cfg.proj_hidden_dim] * (cfg.proj_layers - 1)

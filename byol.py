@@ -63,6 +63,7 @@ class Config:
     arch: str = "resnet18"  # backbone (common/backbones.py)
     cifar_stem: str = "auto"  # 3x3 stride-1 first conv, no max-pool: auto (on at <= 64 px) | true | false
     patch_size: int = 16  # ViT patch size
+    zero_init_residual: bool = False  # ResNets: start each residual block as the identity (last BN gamma = 0)
     proj_hidden_dim: int = 4096  # projector g: Linear-BN-ReLU-Linear
     proj_dim: int = 256  # width of z (and of the predictor's output)
     pred_hidden_dim: int = 4096  # predictor q: Linear-BN-ReLU-Linear
@@ -112,7 +113,8 @@ class BYOL(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.backbone_args = backbone_args(cfg.arch, cfg.image_size, cfg.cifar_stem, cfg.patch_size)
-        self.backbone, width = build_backbone(**self.backbone_args)  # f_theta
+        # f_theta: the online backbone
+        self.backbone, width = build_backbone(**self.backbone_args, zero_init_residual=cfg.zero_init_residual)
         self.projector = mlp(width, cfg.proj_hidden_dim, cfg.proj_dim)  # g_theta
         self.predictor = mlp(cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim)  # q_theta
         self.target_backbone = copy.deepcopy(self.backbone).requires_grad_(False)  # f_xi

@@ -52,6 +52,7 @@ class Config:
     arch: str = "resnet18"  # backbone (common/backbones.py)
     cifar_stem: str = "auto"  # 3x3 stride-1 first conv, no max-pool: auto (on at <= 64 px) | true | false
     patch_size: int = 16  # ViT patch size
+    zero_init_residual: bool = False  # ResNets: start each residual block as the identity (last BN gamma = 0)
     proj_hidden_dim: int = 2048  # projector g: Linear-BN-ReLU-Linear
     proj_dim: int = 256  # width of z
     temperature: float = 0.2  # tau of NT-Xent
@@ -85,7 +86,7 @@ class SimCLR(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.backbone_args = backbone_args(cfg.arch, cfg.image_size, cfg.cifar_stem, cfg.patch_size)
-        self.backbone, width = build_backbone(**self.backbone_args)  # f
+        self.backbone, width = build_backbone(**self.backbone_args, zero_init_residual=cfg.zero_init_residual)  # f
         self.projector = nn.Sequential(  # g
             nn.Linear(width, cfg.proj_hidden_dim), nn.BatchNorm1d(cfg.proj_hidden_dim), nn.ReLU(inplace=True),
             nn.Linear(cfg.proj_hidden_dim, cfg.proj_dim))

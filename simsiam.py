@@ -60,6 +60,7 @@ class Config:
     arch: str = "resnet18"  # backbone (common/backbones.py)
     cifar_stem: str = "auto"  # 3x3 stride-1 first conv, no max-pool: auto (on at <= 64 px) | true | false
     patch_size: int = 16  # ViT patch size
+    zero_init_residual: bool = False  # ResNets: start each residual block as the identity (last BN gamma = 0)
     proj_layers: int = 3  # projector (part of f): Linear layers, BN after each, ReLU after all but the last
     proj_hidden_dim: int = 2048  # width of the projector's hidden layers
     proj_dim: int = 2048  # width of z and p
@@ -107,7 +108,8 @@ class SimSiam(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.backbone_args = backbone_args(cfg.arch, cfg.image_size, cfg.cifar_stem, cfg.patch_size)
-        self.backbone, width = build_backbone(**self.backbone_args)  # f = backbone + projector
+        # f = backbone + projector
+        self.backbone, width = build_backbone(**self.backbone_args, zero_init_residual=cfg.zero_init_residual)
         self.projector = projection_mlp(width, cfg.proj_hidden_dim, cfg.proj_dim, cfg.proj_layers)
         self.predictor = nn.Sequential(  # h: a bottleneck, BN on its hidden layer only
             nn.Linear(cfg.proj_dim, cfg.pred_hidden_dim, bias=False), nn.BatchNorm1d(cfg.pred_hidden_dim),

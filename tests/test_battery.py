@@ -249,6 +249,18 @@ def test_lr_schedule_endpoints(method):
 
 
 @pytest.mark.parametrize("method", METHODS)
+def test_zero_init_residual_reaches_the_backbone(method):
+    """--zero_init_residual (set by the ImageNet configs whose official code uses it) reaches the trunk f."""
+    module = importlib.import_module(method)
+    model_class = next(c for c in vars(module).values()  # the script's model: its one nn.Module class
+                       if isinstance(c, type) and issubclass(c, torch.nn.Module) and c.__module__ == method)
+    for flag in (False, True):
+        model = model_class(module.Config(arch="resnet18", zero_init_residual=flag))
+        gammas = [block.bn2.weight for layer in (model.backbone.layer1, model.backbone.layer4) for block in layer]
+        assert all(bool((g == 0).all()) == flag for g in gammas)
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_configs_parse(method):
     from common.config import load_config
     module = importlib.import_module(method)

@@ -94,6 +94,19 @@ def test_vit_trunk_loads_into_torchvision(arch, width):
         assert trunk(torch.randn(2, 3, 32, 32)).shape == (2, 192)
 
 
+@pytest.mark.parametrize("arch, last_bn", [("resnet18", "bn2"), ("resnet50", "bn3")])
+def test_zero_init_residual_starts_every_block_at_the_identity(arch, last_bn):
+    """The last BN of each residual block starts at gamma 0 (zero_init_residual), and only when asked."""
+    for flag in (False, True):
+        trunk, _ = build_backbone(**backbone_args(arch, 224), zero_init_residual=flag)
+        gammas = [getattr(block, last_bn).weight for layer in (trunk.layer1, trunk.layer2, trunk.layer3,
+                                                                trunk.layer4) for block in layer]
+        assert all(bool((g == 0).all()) == flag for g in gammas)
+        assert bool((trunk.bn1.weight == 1).all())  # the stem's BN is left alone
+    with pytest.raises(UsageError, match="zero_init_residual applies to ResNets only"):
+        build_backbone(**backbone_args("vit_tiny", 32, patch_size=8), zero_init_residual=True)
+
+
 def test_backbone_args_resolve_and_reject():
     assert backbone_args("resnet50", 224, "auto")["cifar_stem"] is False
     assert backbone_args("resnet50", 64, "auto")["cifar_stem"] is True
