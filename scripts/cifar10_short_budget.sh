@@ -5,6 +5,7 @@
 # The setting mirrors the peer measurement in ../shared/reference/methods.md (ResNet-18 with the ImageNet stem
 # at 32 px, batch 256, SGD, bf16): a correct contrastive method clears the floor within ~800 steps.
 # Usage: scripts/cifar10_short_budget.sh [METHOD [EPOCHS [extra training flags...]]]
+# (add --knn_every N --knn_temperature 0.1 to follow the same kNN every N epochs while it trains)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 method=${1:-simclr}; epochs=${2:-20}; shift $(( $# > 2 ? 2 : $# ))
@@ -33,4 +34,8 @@ floor, run = sys.argv[1:]
 for f in sorted(glob.glob(f"{floor}/*knn*.json")) + sorted(glob.glob(f"{run}/**/*knn*.json", recursive=True)):
     r = json.load(open(f))
     print(f"{f}: kNN top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%  (k {r['k']}, T {r['temperature']})")
+curve = [json.loads(line) for line in open(f"{run}/train/metrics.jsonl")]  # the --knn_every monitor, if on
+curve = [f"epoch {m['epoch']}: {m['eval/knn_top1']:.2f}%" for m in curve if "eval/knn_top1" in m]
+if curve:
+    print("kNN monitor during training (top-1): " + ", ".join(curve))
 PY
