@@ -51,8 +51,8 @@ def backbone_args(arch, image_size, cifar_stem="auto", patch_size=16):
 def build_backbone(arch, image_size=224, cifar_stem=False, patch_size=16, zero_init_residual=False):
     """Return (trunk, feature width); the first arguments are those of backbone_args. zero_init_residual starts
     the last BN of each residual block at gamma 0, so that every block begins as the identity (Goyal et al. 2017;
-    the official SimSiam, Barlow Twins and MoCo v3 code do this). It is only an initialisation: evaluation
-    rebuilds the trunk without it, so it is not part of backbone_args."""
+    the official SimSiam and Barlow Twins code do this). It is only an initialisation: evaluation rebuilds the
+    trunk without it, so it is not part of backbone_args."""
     if zero_init_residual and arch not in RESNETS:
         raise UsageError(f"zero_init_residual applies to ResNets only, not to {arch}; set it to false")
     if arch in RESNETS:
