@@ -68,9 +68,10 @@ def prepare_run_folder(cfg, resume, is_main, **derived):
 
 
 def changed_settings(saved, cfg):
-    """'key: old -> new' for each config value that differs from the checkpoint's (resume itself aside)."""
-    return [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
-            if k != "resume" and saved.get(k) != v]
+    """'key: old -> new' for each config value that differs from the checkpoint's (resume itself aside; a key
+    the checkpoint predates, such as a newly added option, is not a change)."""
+    return [f"{k}: {saved[k]!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
+            if k != "resume" and k in saved and saved[k] != v]
 
 
 class MetricLog:

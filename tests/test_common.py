@@ -13,7 +13,7 @@ from common.backbones import ARCHS, RESNETS, apply_cifar_stem, backbone_args, bu
 from common.config import ConfigError, UsageError, load_config, usage
 from common.data import EpochSampler, SeededViews, Synthetic, build_dataset, labels_of, subset
 from common.knn import knn_predict, topk_correct
-from common.runtime import load_checkpoint, rng_states, save_checkpoint, set_rng_states
+from common.runtime import changed_settings, load_checkpoint, rng_states, save_checkpoint, set_rng_states
 
 
 @dataclass
@@ -62,6 +62,13 @@ def test_config_file_errors(tmp_path):
 def test_usage_lists_every_key_with_its_comment():
     text = usage(Demo, "demo.py")
     assert "--lr" in text and "learning rate" in text and "--scale" in text and "crop scale" in text
+
+
+def test_changed_settings_names_real_changes_only():
+    """Resuming reports each changed value; a key the checkpoint predates (a new option) is no change."""
+    saved = {"lr": 0.1, "epochs": 10, "name": "x", "scale": (0.08, 1.0), "resume": False}  # no "flag" yet
+    cfg = Demo(lr=0.2, epochs=10, flag=True)
+    assert changed_settings(saved, cfg) == ["lr: 0.1 -> 0.2"]
 
 
 # ---- backbones ----
