@@ -9,14 +9,16 @@ normalised to zero mean and unit variance, zhat = (z - mean_b z) / sqrt(var_b z 
     L = scale * ( sum_i (1 - C_ii)^2 + lambda * sum_i sum_{j != i} C_ij^2 ).
 
 The first term makes the two views agree dimension by dimension; the second decorrelates the dimensions.
-There is no stop-gradient, no predictor and no target network: the twins share all their weights.
+There is no stop-gradient, no predictor and no target network: the twins share all their weights. The
+gradient is the exact one of the global batch; the official code's is that divided by its number of GPUs
+(configs/barlow_imagenet.yaml reproduces it with loss_scale 1/16).
 
-Paper's Algorithm 1 -> code:
+The paper's Algorithm 1 in this file:
     z_a = f(y_a); z_b = f(y_b)                   BarlowTwins.forward (each view on its own, as the paper's code)
     z_a_norm = (z_a - z_a.mean(0)) / z_a.std(0)   batch_normalize: global-batch statistics, biased variance
                                                   and eps 1e-5 as BatchNorm1d(affine=False) in the paper's code
                                                   (the pseudo-code's .std(0) is unbiased; the code is not)
-    c = mm(z_a_norm.T, z_b_norm) / N              sum_over_ranks(z1.T @ z2) / N in barlow_loss
+    c = mm(z_a_norm.T, z_b_norm) / N              sum_over_ranks(z1.T @ z2, ...) / N in barlow_loss
     c_diff = (c - eye(D)).pow(2); off-diagonal    on_diag + lambd * off_diag, times `scale`
         elements * lambda; loss = c_diff.sum()
 After training, g is dropped and f(x) is the representation that knn_eval.py and linear_eval.py measure.
@@ -28,24 +30,22 @@ Run (batch_size is per rank; lr is per 256 images and scaled by the global batch
     python knn_eval.py --checkpoint runs/barlow/last.pt --dataset cifar10 --data_dir data
 """
 import math
-import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from common.augment import eval_transform, two_views
+from common.augment import two_views
 from common.backbones import backbone_args, build_backbone
 from common.config import UsageError, parse_config, usage_errors
-from common.data import EpochSampler, SeededViews, Transformed, build_dataset, subset
-from common.knn import knn_accuracy
-from common.runtime import (MetricLog, autocast, changed_settings, init_distributed, load_checkpoint,
-                            load_state, prepare_run_folder, rng_states, save_checkpoint, set_rng_states)
+from common.data import pretrain_loader
+from common.knn import KnnMonitor
+from common.runtime import (MetricLog, StepMetrics, autocast, close_distributed, init_distributed,
+                            prepare_run_folder, resolve_precision, resume_training, save_training_state)
 
 
 @dataclass
@@ -76,12 +76,13 @@ class Config:
     lr: float = 0.3  # per 256 images: the peak lr is lr x global_batch / 256
     min_lr: float = 0.0  # lr at the end of the cosine
     warmup_epochs: float = 10.0  # linear warm-up from 0 to the peak lr
-    bias_lr_ratio: float = 1.0  # lr of biases and norm parameters = this x the scheduled lr (paper: 0.024)
-    weight_decay: float = 1e-4  # not applied to biases and norm parameters
+    bias_lr_ratio: float = 1.0  # lr of biases and norm parameters = this x the scheduled lr
+    weight_decay: float = 1e-4  # on weights; biases and norm parameters: see decay_bias_and_norm
+    decay_bias_and_norm: bool = False  # SGD only: weight decay on biases and norm parameters too
     momentum: float = 0.9  # SGD / LARS momentum
     lars_eta: float = 0.02  # LARS trust coefficient
     lars_clip: bool = True  # LARC-style clipping: the adapted lr never exceeds the scheduled lr
-    precision: str = "bf16"  # bf16 | fp16 (GPU only, with a GradScaler) | fp32
+    precision: str = "auto"  # auto (bf16 where native, else fp16) | bf16 | fp16 (GPU, with a GradScaler) | fp32
     channels_last: bool = True  # NHWC memory format (faster convolutions with mixed precision)
     compile: bool = False  # torch.compile the model
     seed: int = 0  # model init, data order and augmentations
@@ -96,58 +97,76 @@ class Config:
 
 
 # ---- model ----
+def mlp(in_dim, hidden_dim, out_dim, layers=2, bias=True, last_bias=None, last_bn=None):
+    """The projector / predictor of every script, built one way: `layers` Linear layers in_dim -> hidden_dim
+    -> ... -> out_dim, each but the last followed by BN and ReLU. The papers' heads differ only in the
+    arguments: biases of the Linear layers (`bias`; `last_bias` for the output layer, default `bias`) and a
+    BN on the output too (`last_bn`: "affine", or "plain" for affine=False)."""
+    if layers < 1:
+        raise UsageError(f"a projector or predictor needs at least 1 layer, got {layers}")
+    dims = [in_dim] + [hidden_dim] * (layers - 1)
+    blocks = []
+    for d_in, d_out in zip(dims, dims[1:]):
+        blocks += [nn.Linear(d_in, d_out, bias=bias), nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]
+    blocks.append(nn.Linear(dims[-1], out_dim, bias=bias if last_bias is None else last_bias))
+    if last_bn:
+        blocks.append(nn.BatchNorm1d(out_dim, affine=last_bn == "affine"))
+    return nn.Sequential(*blocks)
+
+
 class BarlowTwins(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        if cfg.proj_layers < 1:
-            raise UsageError(f"proj_layers must be at least 1, got {cfg.proj_layers}")
         self.backbone_args = backbone_args(cfg.arch, cfg.image_size, cfg.cifar_stem, cfg.patch_size)
-        self.backbone, width = build_backbone(**self.backbone_args, zero_init_residual=cfg.zero_init_residual)  # f
-        # no biases, as in the paper's code: BN follows each hidden Linear, and the loss's normalisation
+        # f: the backbone
+        self.backbone, width = build_backbone(**self.backbone_args, zero_init_residual=cfg.zero_init_residual)
+        # g: no biases, as in the official code: a BN follows each hidden Linear, and the loss's normalisation
         # removes any constant offset of z
-        dims = [width] + [cfg.proj_hidden_dim] * (cfg.proj_layers - 1)
-        layers = []
-        for d_in, d_out in zip(dims, dims[1:]):
-            layers += [nn.Linear(d_in, d_out, bias=False), nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]
-        self.projector = nn.Sequential(*layers, nn.Linear(dims[-1], cfg.proj_dim, bias=False))  # g
+        self.projector = mlp(width, cfg.proj_hidden_dim, cfg.proj_dim, layers=cfg.proj_layers, bias=False)
 
     def forward(self, x1, x2):
-        # each view in its own pass, as in the paper's code: the projector's BN normalises each view over its
-        # own batch. No .detach() anywhere: the paper stops no gradient, both twins are trained.
+        # one pass per view, as in the official code: BN statistics are those of one view's n images. No
+        # .detach() anywhere: the paper stops no gradient, both twins are trained.
         z1 = self.projector(self.backbone(x1))  # n x proj_dim
         z2 = self.projector(self.backbone(x2))  # n x proj_dim
         return z1, z2
 
 
 # ---- loss and cross-rank operations ----
-class AllReduceSum(torch.autograd.Function):
-    """all_reduce SUM, autograd-aware: every rank's loss depends on the sum, so the gradient reaching this
-    rank's term is the sum over ranks of the gradients of the sum. A plain dist.all_reduce (the paper's code,
-    solo-learn) lets no gradient through to other ranks' terms, which leaves the gradient off by 1/world_size
-    once DDP averages it."""
+class SumOverRanks(torch.autograd.Function):
+    """all_reduce SUM, autograd-aware. Every rank's loss depends on the sum, so the gradient that reaches this
+    rank's x is the sum over ranks of the gradients arriving at the sum: backward all-reduces them. Where every
+    rank computes the SAME function of the sum (same_on_every_rank: the loss from C), those gradients are
+    equal, and their sum is world_size x this rank's, with no communication: for C that saves an all_reduce
+    of d x d values per step (268 MB at d = 8192). A plain dist.all_reduce (the official code, solo-learn) lets
+    no gradient through to other ranks' terms, which leaves the gradient off by 1/world_size once DDP
+    averages it."""
 
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx, x, same_on_every_rank):
+        ctx.same_on_every_rank = same_on_every_rank
         x = x.clone()
         dist.all_reduce(x)
         return x
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.clone()
+        if ctx.same_on_every_rank:
+            return grad * dist.get_world_size(), None
+        grad = grad.clone()  # all_reduce works in place: never on autograd's own buffer
         dist.all_reduce(grad)  # sum over ranks
-        return grad
+        return grad, None
 
 
-def sum_over_ranks(x):
+def sum_over_ranks(x, same_on_every_rank=False):
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return x
-    return AllReduceSum.apply(x)
+    return SumOverRanks.apply(x, same_on_every_rank)
 
 
 def batch_normalize(z, N, eps=1e-5):
     """Zero mean and unit variance per dimension over the global batch of N rows, as BatchNorm1d(affine=False)
-    in training mode (SyncBatchNorm in the paper's code): the biased variance (divided by N), eps inside the
+    in training mode (SyncBatchNorm in the official code): the biased variance (divided by N), eps inside the
     sqrt. Both statistics are summed over ranks, autograd-aware."""
     mean = sum_over_ranks(z.sum(0)) / N  # d
     var = sum_over_ranks((z - mean).pow(2).sum(0)) / N  # d
@@ -163,8 +182,8 @@ def barlow_loss(z1, z2, lambd, scale):
     and the autograd-aware sums make that average the global batch's gradient."""
     n, d = z1.shape
     N = n * (dist.get_world_size() if dist.is_initialized() else 1)  # every rank holds n images (drop_last)
-    z1, z2 = batch_normalize(z1.float(), N), batch_normalize(z2.float(), N)  # fp32: n x d each
-    c = sum_over_ranks(z1.T @ z2) / N  # d x d: cross-correlation of the global batch
+    z1, z2 = batch_normalize(z1.float(), N), batch_normalize(z2.float(), N)  # the loss in fp32: n x d each
+    c = sum_over_ranks(z1.T @ z2, same_on_every_rank=True) / N  # d x d: cross-correlation of the global batch
     eye = torch.eye(d, dtype=torch.bool, device=c.device)
     on_diag = (1 - c[eye]).pow(2).sum()  # invariance
     off_diag = c[~eye].pow(2).sum()  # redundancy reduction
@@ -179,8 +198,9 @@ class LARS(torch.optim.Optimizer):
     momentum on q * d. Parameters with ndim == 1 (biases, BN and LayerNorm weights) get neither weight decay
     nor adaptation: plain SGD with momentum. With clip=True the adapted step is capped at the scheduled lr
     (q <- min(q / lr, 1)), as in apex's LARC "clip" mode and solo-learn. Differences from the others:
-    SimCLR-TF's LARS selects the excluded variables by name and uses eta 0.001 without clipping; apex LARC
-    computes the trust ratio as eta * ||w|| / (||g|| + wd * ||w||) rather than from ||g + wd * w||."""
+    SimCLR-TF's LARS selects the excluded variables by name, uses eta 0.001 without clipping and keeps the lr
+    inside its momentum buffer; apex LARC computes the trust ratio as eta * ||w|| / (||g|| + wd * ||w||)
+    rather than from ||g + wd * w||."""
 
     def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.02, clip=True):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, clip=clip))
@@ -199,24 +219,40 @@ class LARS(torch.optim.Optimizer):
                     if group["clip"]:
                         q = (q / group["lr"]).clamp(max=1.0) if group["lr"] > 0 else torch.ones_like(q)
                     d = d.mul(q)
-                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                state = self.state[p]
+                if "momentum_buffer" not in state:  # allocated once, at the first step
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
                 buf.mul_(group["momentum"]).add_(d)
                 p.add_(buf, alpha=-group["lr"])
 
 
-def build_optimizer(cfg, model):
-    """Two groups, as in the paper's code: weights, and biases + norm parameters (ndim == 1), which get no
-    weight decay and whose lr is the scheduled lr x bias_lr_ratio (the loop applies each group's lr_ratio).
-    The paper's LARS is ours with eta 0.001 and clip off."""
-    params = list(model.parameters())
-    groups = [{"params": [p for p in params if p.ndim > 1], "lr_ratio": 1.0},
-              {"params": [p for p in params if p.ndim == 1], "lr_ratio": cfg.bias_lr_ratio, "weight_decay": 0.0}]
+def build_optimizer(cfg, model, fixed_lr=()):
+    """LARS or SGD over the trained parameters (requires_grad), in the groups that set_lr schedules: weights
+    (ndim > 1), and biases + norm parameters (ndim == 1) at lr x bias_lr_ratio, without weight decay unless
+    decay_bias_and_norm (SGD; LARS never decays or adapts them). Parameters in `fixed_lr` keep the peak lr."""
+    if cfg.optimizer not in ("lars", "sgd"):
+        raise UsageError(f"optimizer must be lars or sgd, got {cfg.optimizer!r}")
+    if cfg.decay_bias_and_norm and cfg.optimizer == "lars":
+        raise UsageError("decay_bias_and_norm needs --optimizer sgd: LARS never decays biases and norm parameters")
+    fixed = {id(p) for p in fixed_lr}
+    groups = []
+    for is_fixed in (False, True):
+        params = [p for p in model.parameters() if p.requires_grad and (id(p) in fixed) == is_fixed]
+        groups += [{"params": [p for p in params if p.ndim > 1], "lr_ratio": 1.0, "fixed_lr": is_fixed},
+                   {"params": [p for p in params if p.ndim == 1], "lr_ratio": cfg.bias_lr_ratio, "fixed_lr": is_fixed,
+                    "weight_decay": cfg.weight_decay if cfg.decay_bias_and_norm else 0.0}]
+    groups = [group for group in groups if group["params"]]
     if cfg.optimizer == "lars":
         return LARS(groups, lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                     eta=cfg.lars_eta, clip=cfg.lars_clip)
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    raise UsageError(f"optimizer must be lars or sgd, got {cfg.optimizer!r}")
+    return torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def set_lr(optimizer, lr, peak_lr):
+    """This step's lr in every group: the scheduled lr (the peak lr in fixed_lr groups) x the group's lr_ratio."""
+    for group in optimizer.param_groups:
+        group["lr"] = (peak_lr if group["fixed_lr"] else lr) * group["lr_ratio"]
 
 
 def lr_at(step, total_steps, warmup_steps, peak_lr, min_lr=0.0):
@@ -227,38 +263,24 @@ def lr_at(step, total_steps, warmup_steps, peak_lr, min_lr=0.0):
     return min_lr + 0.5 * (peak_lr - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def mean_over_ranks(x):
-    """No grad (logging only): the average of a detached scalar over ranks, as a float."""
-    if dist.is_initialized():
-        x = x.clone()
-        dist.all_reduce(x)
-        x /= dist.get_world_size()
-    return x.item()
-
-
 # ---- training ----
 def train(cfg):
     rank, world_size, device = init_distributed()
     is_main = rank == 0
-    global_batch = cfg.batch_size * world_size
+    precision = resolve_precision(cfg.precision, device)  # "bf16" | "fp16" | "fp32"
     torch.manual_seed(cfg.seed)
 
     # ---- data ----
     views = two_views(cfg.augment, cfg.image_size, cfg.dataset, scale=(cfg.crop_min_scale, 1.0))
-    images = subset(build_dataset(cfg.dataset, cfg.data_dir, "pretrain", cfg.download, cfg.image_size),
-                    cfg.subset, cfg.seed)
-    train_set = SeededViews(images, views, seed=cfg.seed)
-    sampler = EpochSampler(DistributedSampler(train_set, world_size, rank, shuffle=True, seed=cfg.seed,
-                                              drop_last=True))
-    loader = DataLoader(train_set, cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
-                        pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0, drop_last=True)
+    loader = pretrain_loader(cfg, views, rank, world_size, device)
+    knn_monitor = KnnMonitor(cfg, rank, world_size, device, precision)  # checks the labelled splits now
+    global_batch = cfg.batch_size * world_size
     steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
-        raise UsageError(f"{len(train_set)} images make no full batch of {cfg.batch_size} x {world_size} "
-                         "ranks; lower --batch_size")
     total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
     peak_lr = cfg.lr * global_batch / 256
+    schedule = dict(world_size=world_size, global_batch=global_batch, steps_per_epoch=steps_per_epoch,
+                    total_steps=total_steps, peak_lr=peak_lr)
 
     # ---- model ----
     model = BarlowTwins(cfg).to(device)
@@ -267,84 +289,47 @@ def train(cfg):
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     optimizer = build_optimizer(cfg, model)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-    precision = autocast(device, cfg.precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     # ---- run folder and resume ----
-    last = prepare_run_folder(cfg, cfg.resume, is_main, world_size=world_size, global_batch=global_batch,
-                              peak_lr=peak_lr, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+    ckpt_path = prepare_run_folder(cfg, is_main, precision=precision, **schedule)
     step, start_epoch = 0, 0
     if cfg.resume:
-        ckpt = load_checkpoint(last)
-        load_state(model, ckpt["model"], last)
-        load_state(optimizer, ckpt["optimizer"], last)
-        load_state(scaler, ckpt["scaler"], last)
-        step, start_epoch = ckpt["step"], ckpt["epoch"]
-        set_rng_states(ckpt["rng"])
-        changed = changed_settings(ckpt["config"], cfg)  # e.g. a longer --epochs reshapes the schedule
-        if is_main and changed:
-            tqdm.write(f"resuming with changed settings: {'; '.join(changed)}")
+        step, start_epoch = resume_training(ckpt_path, cfg, schedule, model, optimizer, scaler, device, is_main)
     ddp_model = DDP(model) if world_size > 1 else model
     if cfg.compile:
         ddp_model = torch.compile(ddp_model)
-    log = MetricLog(cfg.out_dir, is_main)
-    knn_sets = None
+    log, metrics = MetricLog(cfg.out_dir, is_main), StepMetrics(cfg.out_dir)
 
     # ---- loop ----
     for epoch in range(start_epoch, cfg.epochs):
-        sampler.set_epoch(epoch)
+        loader.sampler.set_epoch(epoch)
         model.train()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not is_main, dynamic_ncols=True)
-        epoch_loss, tic = 0.0, time.time()
+        tic = time.time()
         for (x1, x2), _ in bar:
             lr = lr_at(step, total_steps, warmup_steps, peak_lr, cfg.min_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group["lr_ratio"]
+            set_lr(optimizer, lr, peak_lr)
             x1 = x1.to(device, non_blocking=True, memory_format=memory_format)
             x2 = x2.to(device, non_blocking=True, memory_format=memory_format)
-            with precision:
+            with autocast(device, precision):
                 z1, z2 = ddp_model(x1, x2)
             loss = barlow_loss(z1, z2, cfg.lambd, cfg.loss_scale)
-            loss_value = mean_over_ranks(loss.detach())
-            if not math.isfinite(loss_value):
-                raise SystemExit(f"error: loss is {loss_value} at step {step} (epoch {epoch + 1}); stopped "
-                                 f"before the update, {last} is untouched. Lower --lr, lengthen "
-                                 "--warmup_epochs or try --precision fp32, then --resume.")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
+            metrics.add(loss=loss)  # stays on the device: no host sync in the hot loop
             step += 1
-            epoch_loss += loss_value
-            images_per_s = global_batch * (bar.n + 1) / max(time.time() - tic, 1e-9)
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.3g}", img_s=f"{images_per_s:.0f}")
-            if step % cfg.log_every == 0:
-                log.write(step=step, epoch=epoch + 1, **{"train/loss": loss_value, "train/lr": lr})
-        log.write(step=step, epoch=epoch + 1, **{"train/epoch_loss": epoch_loss / steps_per_epoch,
-                                                 "train/images_per_s": global_batch * steps_per_epoch
-                                                 / (time.time() - tic)})
-
-        if cfg.knn_every and (epoch + 1) % cfg.knn_every == 0:
-            if knn_sets is None:
-                knn_sets = [Transformed(build_dataset(cfg.dataset, cfg.data_dir, split, image_size=cfg.image_size),
-                                        eval_transform(cfg.image_size, cfg.dataset)) for split in ("train", "val")]
-            top1, top5 = knn_accuracy(model.backbone, *knn_sets, cfg.knn_k, cfg.knn_temperature, 2 * cfg.batch_size,
-                                      cfg.num_workers, device, precision, rank, world_size)
-            log.write(step=step, epoch=epoch + 1, **{"eval/knn_top1": top1, "eval/knn_top5": top5})
-            if is_main:
-                tqdm.write(f"epoch {epoch + 1}: kNN top-1 {top1:.2f}%  top-5 {top5:.2f}%")
-
-        if is_main:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scaler": scaler.state_dict(), "step": step, "epoch": epoch + 1, "config": asdict(cfg),
-                     "rng": rng_states(), "backbone": model.backbone.state_dict(),
-                     "backbone_args": model.backbone_args}
-            save_checkpoint(state, last)
-            if (epoch + 1) % cfg.snapshot_every == 0 or epoch + 1 == cfg.epochs:
-                save_checkpoint(state, os.path.join(cfg.out_dir, f"epoch_{epoch + 1:04d}.pt"))
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+            if step % cfg.log_every == 0:  # the loop's only sync: read, average over ranks, check finite
+                stats = {**metrics.read(step), "train/lr": lr}
+                log.write(step=step, epoch=epoch + 1, **stats)
+                bar.set_postfix(loss=f"{stats['train/loss']:.4f}", lr=f"{lr:.3g}")
+        log.write(step=step, epoch=epoch + 1, **metrics.read_epoch(step),
+                  **{"train/images_per_s": global_batch * steps_per_epoch / (time.time() - tic)})
+        knn_monitor.after_epoch(epoch + 1, step, model.backbone, log)
+        save_training_state(ckpt_path, cfg, schedule, step, epoch + 1, model, optimizer, scaler, device, is_main)
+    close_distributed()
 
 
 if __name__ == "__main__":

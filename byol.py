@@ -12,40 +12,39 @@ gradient. The online prediction of one view regresses the target projection of t
 
 so identical directions give 0 and opposite ones 2 x 4 = 8. Only theta is trained; after each optimizer
 step k of K the target follows it, xi <- tau * xi + (1 - tau) * theta (parameters only), with
-tau = 1 - (1 - base_tau) * (cos(pi * k / K) + 1) / 2. The paper's pseudo-code (Algorithm 1) in this file:
-    q_theta(g_theta(f_theta(v)))          BYOL.forward, online branch: p1, p2
-    sg(g_xi(f_xi(v')))                    BYOL.forward, under torch.no_grad(): z1, z2 (detached)
-    L + L~                                byol_loss(p1, p2, z1, z2)
+tau = 1 - (1 - base_tau) * (cos(pi * k / K) + 1) / 2.
+
+The paper's Algorithm 1 in this file:
+    q_theta(g_theta(f_theta(v)))          BYOL.forward, online network: p1, p2
+    sg(g_xi(f_xi(v')))                    BYOL.forward, target network under torch.no_grad(): target_z1, target_z2
+    L + L~                                byol_loss(p1, p2, target_z1, target_z2)
     theta <- optimizer(theta, grad, lr)   LARS / SGD step in train()
-    xi <- tau xi + (1 - tau) theta        BYOL.update_target(tau) -> ema_update; tau = momentum_at(step)
+    xi <- tau xi + (1 - tau) theta        BYOL.update_target(tau) -> ema_update; tau = tau_at(step)
 After training, the online encoder f_theta is the representation ("backbone" in the checkpoint).
 
 Run (batch_size is per rank; lr is per 256 images and scaled by the global batch):
     python byol.py --config configs/byol.yaml --data_dir data --download true
     torchrun --nproc_per_node=4 byol.py --config configs/byol.yaml
-    python knn_eval.py --checkpoint runs/byol/last.pt
+    python knn_eval.py --checkpoint runs/byol/last.pt --dataset cifar10 --data_dir data
 """
 import copy
 import math
-import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from common.augment import eval_transform, two_views
+from common.augment import two_views
 from common.backbones import backbone_args, build_backbone
 from common.config import UsageError, parse_config, usage_errors
-from common.data import EpochSampler, SeededViews, Transformed, build_dataset, subset
-from common.knn import knn_accuracy
-from common.runtime import (MetricLog, autocast, changed_settings, init_distributed, load_checkpoint,
-                            load_state, prepare_run_folder, rng_states, save_checkpoint, set_rng_states)
+from common.data import pretrain_loader
+from common.knn import KnnMonitor
+from common.runtime import (MetricLog, StepMetrics, autocast, close_distributed, init_distributed,
+                            prepare_run_folder, resolve_precision, resume_training, save_training_state)
 
 
 @dataclass
@@ -67,7 +66,7 @@ class Config:
     proj_hidden_dim: int = 4096  # projector g: Linear-BN-ReLU-Linear
     proj_dim: int = 256  # width of z (and of the predictor's output)
     pred_hidden_dim: int = 4096  # predictor q: Linear-BN-ReLU-Linear
-    base_tau: float = 0.99  # EMA momentum of the target at step 0; cosine up to 1 at the last step
+    base_tau: float = 0.99  # EMA rate tau of the target at step 0; a cosine up to 1 at the last step
     # optimisation
     epochs: int = 1000  # training length
     batch_size: int = 256  # images per rank; global_batch = batch_size x world_size
@@ -75,11 +74,13 @@ class Config:
     lr: float = 1.0  # per 256 images: the peak lr is lr x global_batch / 256
     min_lr: float = 0.0  # lr at the end of the cosine
     warmup_epochs: float = 10.0  # linear warm-up from 0 to the peak lr
-    weight_decay: float = 1e-5  # not applied to biases and norm parameters
+    bias_lr_ratio: float = 1.0  # lr of biases and norm parameters = this x the scheduled lr
+    weight_decay: float = 1e-5  # on weights; biases and norm parameters: see decay_bias_and_norm
+    decay_bias_and_norm: bool = False  # SGD only: weight decay on biases and norm parameters too
     momentum: float = 0.9  # SGD / LARS momentum
     lars_eta: float = 0.02  # LARS trust coefficient
     lars_clip: bool = True  # LARC-style clipping: the adapted lr never exceeds the scheduled lr
-    precision: str = "bf16"  # bf16 | fp16 (GPU only, with a GradScaler) | fp32
+    precision: str = "auto"  # auto (bf16 where native, else fp16) | bf16 | fp16 (GPU, with a GradScaler) | fp32
     channels_last: bool = True  # NHWC memory format (faster convolutions with mixed precision)
     compile: bool = False  # torch.compile the model
     seed: int = 0  # model init, data order and augmentations
@@ -94,10 +95,21 @@ class Config:
 
 
 # ---- model ----
-def mlp(in_dim, hidden_dim, out_dim):
-    """The projector and predictor of the paper: Linear-BN-ReLU-Linear, no BN on the output."""
-    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
-                         nn.Linear(hidden_dim, out_dim))
+def mlp(in_dim, hidden_dim, out_dim, layers=2, bias=True, last_bias=None, last_bn=None):
+    """The projector / predictor of every script, built one way: `layers` Linear layers in_dim -> hidden_dim
+    -> ... -> out_dim, each but the last followed by BN and ReLU. The papers' heads differ only in the
+    arguments: biases of the Linear layers (`bias`; `last_bias` for the output layer, default `bias`) and a
+    BN on the output too (`last_bn`: "affine", or "plain" for affine=False)."""
+    if layers < 1:
+        raise UsageError(f"a projector or predictor needs at least 1 layer, got {layers}")
+    dims = [in_dim] + [hidden_dim] * (layers - 1)
+    blocks = []
+    for d_in, d_out in zip(dims, dims[1:]):
+        blocks += [nn.Linear(d_in, d_out, bias=bias), nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]
+    blocks.append(nn.Linear(dims[-1], out_dim, bias=bias if last_bias is None else last_bias))
+    if last_bn:
+        blocks.append(nn.BatchNorm1d(out_dim, affine=last_bn == "affine"))
+    return nn.Sequential(*blocks)
 
 
 class BYOL(nn.Module):
@@ -107,8 +119,7 @@ class BYOL(nn.Module):
     The target starts as a copy of the online encoder and projector (the paper's code draws it from another
     seed and reports no difference) and has requires_grad=False: the optimizer never sees it. Only its
     parameters follow the online ones (update_target); its BN buffers are its own, updated by its train-mode
-    forward on the same views, as in the paper's code (target_state comes from the target's forward). Both
-    are in state_dict(), so a resumed run continues them exactly."""
+    forward on the same views, as in the paper's code (target_state comes from the target's forward)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -121,13 +132,13 @@ class BYOL(nn.Module):
         self.target_projector = copy.deepcopy(self.projector).requires_grad_(False)  # g_xi
 
     def forward(self, x1, x2):
-        # one view at a time, as in the paper's code: BN statistics are those of one view's batch
+        # one pass per view, as in the official code: BN statistics are those of one view's n images
         p1 = self.predictor(self.projector(self.backbone(x1)))  # n x proj_dim: q_theta(z_theta) of view 1
-        p2 = self.predictor(self.projector(self.backbone(x2)))  # n x proj_dim: of view 2
-        with torch.no_grad():  # sg(.): the target branch gets no gradient
-            z1 = self.target_projector(self.target_backbone(x1))  # n x proj_dim: z_xi of view 1
-            z2 = self.target_projector(self.target_backbone(x2))  # n x proj_dim: z_xi of view 2
-        return p1, p2, z1.detach(), z2.detach()
+        p2 = self.predictor(self.projector(self.backbone(x2)))  # n x proj_dim
+        with torch.no_grad():  # sg(.): the target network gets no gradient
+            target_z1 = self.target_projector(self.target_backbone(x1))  # n x proj_dim: z_xi of view 1
+            target_z2 = self.target_projector(self.target_backbone(x2))  # n x proj_dim
+        return p1, p2, target_z1, target_z2
 
     def update_target(self, tau):
         ema_update(self.target_backbone, self.backbone, tau)
@@ -144,13 +155,13 @@ def ema_update(target, online, tau):
 # ---- loss and cross-rank operations ----
 # No cross-rank operation: the loss is a mean over this rank's images, so the mean over ranks (what DDP's
 # gradient averaging optimises, with equal batches on every rank) is the mean over the global batch.
-def byol_loss(p1, p2, z1, z2):
-    """L + L~ of the paper. p1, p2: n x d online predictions of views 1 and 2; z1, z2: n x d target
-    projections of views 1 and 2 (detached here too: no gradient reaches the target).
-    Returns mean_i [2 - 2 cos(p1_i, z2_i)] + mean_i [2 - 2 cos(p2_i, z1_i)], in [0, 8]."""
-    p1, p2 = F.normalize(p1.float(), dim=1), F.normalize(p2.float(), dim=1)  # fp32 outside autocast
-    z1, z2 = F.normalize(z1.detach().float(), dim=1), F.normalize(z2.detach().float(), dim=1)
-    return (2 - 2 * (p1 * z2).sum(1)).mean() + (2 - 2 * (p2 * z1).sum(1)).mean()
+def byol_loss(p1, p2, target_z1, target_z2):
+    """L + L~ of the paper. p1, p2: n x d online predictions of views 1 and 2; target_z1, target_z2: n x d
+    target projections of views 1 and 2 (computed without gradient in BYOL.forward, the paper's sg).
+    Returns mean_i [2 - 2 cos(p1_i, target_z2_i)] + mean_i [2 - 2 cos(p2_i, target_z1_i)], in [0, 8]."""
+    p1, p2 = F.normalize(p1.float(), dim=1), F.normalize(p2.float(), dim=1)  # the loss in fp32
+    target_z1, target_z2 = F.normalize(target_z1.float(), dim=1), F.normalize(target_z2.float(), dim=1)
+    return (2 - 2 * (p1 * target_z2).sum(1)).mean() + (2 - 2 * (p2 * target_z1).sum(1)).mean()
 
 
 # ---- optimizer and schedules ----
@@ -161,8 +172,9 @@ class LARS(torch.optim.Optimizer):
     momentum on q * d. Parameters with ndim == 1 (biases, BN and LayerNorm weights) get neither weight decay
     nor adaptation: plain SGD with momentum. With clip=True the adapted step is capped at the scheduled lr
     (q <- min(q / lr, 1)), as in apex's LARC "clip" mode and solo-learn. Differences from the others:
-    SimCLR-TF's LARS selects the excluded variables by name and uses eta 0.001 without clipping; apex LARC
-    computes the trust ratio as eta * ||w|| / (||g|| + wd * ||w||) rather than from ||g + wd * w||."""
+    SimCLR-TF's LARS selects the excluded variables by name, uses eta 0.001 without clipping and keeps the lr
+    inside its momentum buffer; apex LARC computes the trust ratio as eta * ||w|| / (||g|| + wd * ||w||)
+    rather than from ||g + wd * w||."""
 
     def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.02, clip=True):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, clip=clip))
@@ -181,21 +193,40 @@ class LARS(torch.optim.Optimizer):
                     if group["clip"]:
                         q = (q / group["lr"]).clamp(max=1.0) if group["lr"] > 0 else torch.ones_like(q)
                     d = d.mul(q)
-                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                state = self.state[p]
+                if "momentum_buffer" not in state:  # allocated once, at the first step
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
                 buf.mul_(group["momentum"]).add_(d)
                 p.add_(buf, alpha=-group["lr"])
 
 
-def build_optimizer(cfg, model):
-    params = [p for p in model.parameters() if p.requires_grad]  # the online network; the target follows by EMA
+def build_optimizer(cfg, model, fixed_lr=()):
+    """LARS or SGD over the trained parameters (requires_grad), in the groups that set_lr schedules: weights
+    (ndim > 1), and biases + norm parameters (ndim == 1) at lr x bias_lr_ratio, without weight decay unless
+    decay_bias_and_norm (SGD; LARS never decays or adapts them). Parameters in `fixed_lr` keep the peak lr."""
+    if cfg.optimizer not in ("lars", "sgd"):
+        raise UsageError(f"optimizer must be lars or sgd, got {cfg.optimizer!r}")
+    if cfg.decay_bias_and_norm and cfg.optimizer == "lars":
+        raise UsageError("decay_bias_and_norm needs --optimizer sgd: LARS never decays biases and norm parameters")
+    fixed = {id(p) for p in fixed_lr}
+    groups = []
+    for is_fixed in (False, True):
+        params = [p for p in model.parameters() if p.requires_grad and (id(p) in fixed) == is_fixed]
+        groups += [{"params": [p for p in params if p.ndim > 1], "lr_ratio": 1.0, "fixed_lr": is_fixed},
+                   {"params": [p for p in params if p.ndim == 1], "lr_ratio": cfg.bias_lr_ratio, "fixed_lr": is_fixed,
+                    "weight_decay": cfg.weight_decay if cfg.decay_bias_and_norm else 0.0}]
+    groups = [group for group in groups if group["params"]]
     if cfg.optimizer == "lars":
-        return LARS(params, lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+        return LARS(groups, lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                     eta=cfg.lars_eta, clip=cfg.lars_clip)
-    if cfg.optimizer == "sgd":
-        groups = [{"params": [p for p in params if p.ndim > 1]},
-                  {"params": [p for p in params if p.ndim == 1], "weight_decay": 0.0}]
-        return torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    raise UsageError(f"optimizer must be lars or sgd, got {cfg.optimizer!r}")
+    return torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def set_lr(optimizer, lr, peak_lr):
+    """This step's lr in every group: the scheduled lr (the peak lr in fixed_lr groups) x the group's lr_ratio."""
+    for group in optimizer.param_groups:
+        group["lr"] = (peak_lr if group["fixed_lr"] else lr) * group["lr_ratio"]
 
 
 def lr_at(step, total_steps, warmup_steps, peak_lr, min_lr=0.0):
@@ -206,43 +237,29 @@ def lr_at(step, total_steps, warmup_steps, peak_lr, min_lr=0.0):
     return min_lr + 0.5 * (peak_lr - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def momentum_at(step, total_steps, base):
-    """EMA momentum tau of the target, as in the paper: base at step 0, a cosine up to 1 at total_steps."""
-    return 1 - (1 - base) * (math.cos(math.pi * min(step, total_steps) / total_steps) + 1) / 2
-
-
-def mean_over_ranks(x):
-    """No grad (logging only): the average of a detached scalar over ranks, as a float."""
-    if dist.is_initialized():
-        x = x.clone()
-        dist.all_reduce(x)
-        x /= dist.get_world_size()
-    return x.item()
+def tau_at(step, total_steps, base_tau):
+    """EMA rate tau of the target, as in the paper: base_tau at step 0, a cosine up to 1 at total_steps."""
+    return 1 - (1 - base_tau) * (math.cos(math.pi * min(step, total_steps) / total_steps) + 1) / 2
 
 
 # ---- training ----
 def train(cfg):
     rank, world_size, device = init_distributed()
     is_main = rank == 0
-    global_batch = cfg.batch_size * world_size
+    precision = resolve_precision(cfg.precision, device)  # "bf16" | "fp16" | "fp32"
     torch.manual_seed(cfg.seed)
 
     # ---- data ----
     views = two_views(cfg.augment, cfg.image_size, cfg.dataset, scale=(cfg.crop_min_scale, 1.0))
-    images = subset(build_dataset(cfg.dataset, cfg.data_dir, "pretrain", cfg.download, cfg.image_size),
-                    cfg.subset, cfg.seed)
-    train_set = SeededViews(images, views, seed=cfg.seed)
-    sampler = EpochSampler(DistributedSampler(train_set, world_size, rank, shuffle=True, seed=cfg.seed,
-                                              drop_last=True))
-    loader = DataLoader(train_set, cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
-                        pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0, drop_last=True)
+    loader = pretrain_loader(cfg, views, rank, world_size, device)
+    knn_monitor = KnnMonitor(cfg, rank, world_size, device, precision)  # checks the labelled splits now
+    global_batch = cfg.batch_size * world_size
     steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
-        raise UsageError(f"{len(train_set)} images make no full batch of {cfg.batch_size} x {world_size} "
-                         "ranks; lower --batch_size")
     total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
     peak_lr = cfg.lr * global_batch / 256
+    schedule = dict(world_size=world_size, global_batch=global_batch, steps_per_epoch=steps_per_epoch,
+                    total_steps=total_steps, peak_lr=peak_lr)
 
     # ---- model ----
     model = BYOL(cfg).to(device)
@@ -251,87 +268,49 @@ def train(cfg):
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     optimizer = build_optimizer(cfg, model)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-    precision = autocast(device, cfg.precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     # ---- run folder and resume ----
-    last = prepare_run_folder(cfg, cfg.resume, is_main, world_size=world_size, global_batch=global_batch,
-                              peak_lr=peak_lr, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+    ckpt_path = prepare_run_folder(cfg, is_main, precision=precision, **schedule)
     step, start_epoch = 0, 0
     if cfg.resume:
-        ckpt = load_checkpoint(last)
-        load_state(model, ckpt["model"], last)
-        load_state(optimizer, ckpt["optimizer"], last)
-        load_state(scaler, ckpt["scaler"], last)
-        step, start_epoch = ckpt["step"], ckpt["epoch"]
-        set_rng_states(ckpt["rng"])
-        changed = changed_settings(ckpt["config"], cfg)  # e.g. a longer --epochs reshapes the schedule
-        if is_main and changed:
-            tqdm.write(f"resuming with changed settings: {'; '.join(changed)}")
+        step, start_epoch = resume_training(ckpt_path, cfg, schedule, model, optimizer, scaler, device, is_main)
     ddp_model = DDP(model) if world_size > 1 else model
     if cfg.compile:
         ddp_model = torch.compile(ddp_model)
-    log = MetricLog(cfg.out_dir, is_main)
-    knn_sets = None
+    log, metrics = MetricLog(cfg.out_dir, is_main), StepMetrics(cfg.out_dir)
 
     # ---- loop ----
     for epoch in range(start_epoch, cfg.epochs):
-        sampler.set_epoch(epoch)
+        loader.sampler.set_epoch(epoch)
         model.train()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not is_main, dynamic_ncols=True)
-        epoch_loss, tic = 0.0, time.time()
+        tic = time.time()
         for (x1, x2), _ in bar:
             lr = lr_at(step, total_steps, warmup_steps, peak_lr, cfg.min_lr)
-            tau = momentum_at(step, total_steps, cfg.base_tau)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            tau = tau_at(step, total_steps, cfg.base_tau)
+            set_lr(optimizer, lr, peak_lr)
             x1 = x1.to(device, non_blocking=True, memory_format=memory_format)
             x2 = x2.to(device, non_blocking=True, memory_format=memory_format)
-            with precision:
-                p1, p2, z1, z2 = ddp_model(x1, x2)
-            loss = byol_loss(p1, p2, z1, z2)
-            loss_value = mean_over_ranks(loss.detach())
-            if not math.isfinite(loss_value):
-                raise SystemExit(f"error: loss is {loss_value} at step {step} (epoch {epoch + 1}); stopped "
-                                 f"before the update, {last} is untouched. Lower --lr, lengthen "
-                                 "--warmup_epochs or try --precision fp32, then --resume.")
+            with autocast(device, precision):
+                p1, p2, target_z1, target_z2 = ddp_model(x1, x2)
+            loss = byol_loss(p1, p2, target_z1, target_z2)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             model.update_target(tau)  # after the step: xi <- tau * xi + (1 - tau) * theta
+            metrics.add(loss=loss)  # stays on the device: no host sync in the hot loop
             step += 1
-            epoch_loss += loss_value
-            images_per_s = global_batch * (bar.n + 1) / max(time.time() - tic, 1e-9)
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.3g}", img_s=f"{images_per_s:.0f}")
-            if step % cfg.log_every == 0:
-                log.write(step=step, epoch=epoch + 1, **{"train/loss": loss_value, "train/lr": lr,
-                                                        "schedule/momentum": tau})
-        log.write(step=step, epoch=epoch + 1, **{"train/epoch_loss": epoch_loss / steps_per_epoch,
-                                                 "train/images_per_s": global_batch * steps_per_epoch
-                                                 / (time.time() - tic)})
-
-        if cfg.knn_every and (epoch + 1) % cfg.knn_every == 0:
-            if knn_sets is None:
-                knn_sets = [Transformed(build_dataset(cfg.dataset, cfg.data_dir, split, image_size=cfg.image_size),
-                                        eval_transform(cfg.image_size, cfg.dataset)) for split in ("train", "val")]
-            top1, top5 = knn_accuracy(model.backbone, *knn_sets, cfg.knn_k, cfg.knn_temperature, 2 * cfg.batch_size,
-                                      cfg.num_workers, device, precision, rank, world_size)
-            log.write(step=step, epoch=epoch + 1, **{"eval/knn_top1": top1, "eval/knn_top5": top5})
-            if is_main:
-                tqdm.write(f"epoch {epoch + 1}: kNN top-1 {top1:.2f}%  top-5 {top5:.2f}%")
-
-        if is_main:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scaler": scaler.state_dict(), "step": step, "epoch": epoch + 1, "config": asdict(cfg),
-                     "rng": rng_states(), "backbone": model.backbone.state_dict(),
-                     "backbone_args": model.backbone_args}
-            save_checkpoint(state, last)
-            if (epoch + 1) % cfg.snapshot_every == 0 or epoch + 1 == cfg.epochs:
-                save_checkpoint(state, os.path.join(cfg.out_dir, f"epoch_{epoch + 1:04d}.pt"))
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+            if step % cfg.log_every == 0:  # the loop's only sync: read, average over ranks, check finite
+                stats = {**metrics.read(step), "train/lr": lr, "schedule/tau": tau}
+                log.write(step=step, epoch=epoch + 1, **stats)
+                bar.set_postfix(loss=f"{stats['train/loss']:.4f}", lr=f"{lr:.3g}")
+        log.write(step=step, epoch=epoch + 1, **metrics.read_epoch(step),
+                  **{"train/images_per_s": global_batch * steps_per_epoch / (time.time() - tic)})
+        knn_monitor.after_epoch(epoch + 1, step, model.backbone, log)
+        save_training_state(ckpt_path, cfg, schedule, step, epoch + 1, model, optimizer, scaler, device, is_main)
+    close_distributed()
 
 
 if __name__ == "__main__":

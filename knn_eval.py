@@ -7,7 +7,8 @@ cosine-similar bank features x_i, and class c gets the score
     score(c) = sum over those k neighbours with label c of exp(cos(q, x_i) / T),
 
 top-1 / top-5 = how often the true class is the best / among the five best scores (k = 200, T = 0.07 as in
-DINO; k is capped at the bank size). Every image is embedded once, also under torchrun (common/knn.py).
+DINO; k is capped at the bank size). Every image is embedded once, also under torchrun, where the bank stays
+sharded over the ranks (common/knn.py).
 
 Input: a checkpoint of any method script (its "backbone" and "backbone_args"; dataset and data_dir default to
 its training config), or a plain trunk state_dict, which needs --arch and --image_size (and --cifar_stem).
@@ -23,13 +24,11 @@ Run:
 import os
 from dataclasses import dataclass
 
-import torch.distributed as dist
-
 from common.augment import eval_transform
 from common.config import UsageError, parse_config, usage_errors
-from common.data import Transformed, build_dataset, labels_of, subset
+from common.data import Transformed, labelled_split, subset
 from common.knn import knn_accuracy
-from common.runtime import autocast, init_distributed, load_backbone, write_json
+from common.runtime import close_distributed, init_distributed, load_backbone, resolve_precision, write_json
 
 
 @dataclass
@@ -52,17 +51,14 @@ class Config:
     k: int = 200  # neighbours that vote
     temperature: float = 0.07  # T of the vote weights exp(cos / T)
     batch_size: int = 256  # images per forward pass, per rank
-    precision: str = "bf16"  # bf16 | fp16 (GPU only) | fp32 of the forward pass
+    precision: str = "auto"  # auto (bf16 where native, else fp16) | bf16 | fp16 (GPU only) | fp32 of the forward pass
     # output
     out: str = ""  # JSON file (empty = <checkpoint without extension>_knn_<dataset>.json)
 
 
-def labelled_split(cfg, dataset, data_dir, split, size, n):
+def eval_split(cfg, dataset, data_dir, split, size, n):
     """The eval-transformed train or val split (a fixed random subset of n items when n > 0)."""
-    data = build_dataset(dataset, data_dir, split, cfg.download, size)
-    if min(labels_of(data), default=-1) < 0:
-        raise UsageError(f"the {split} split of {dataset} in {data_dir!r} is empty or unlabelled; kNN needs "
-                         "labels (folder: one sub-folder per class)")
+    data = labelled_split(dataset, data_dir, split, cfg.download, size)
     return Transformed(subset(data, n, cfg.seed), eval_transform(size, dataset))
 
 
@@ -72,7 +68,7 @@ def main(cfg):
     if cfg.k < 1 or cfg.temperature <= 0 or cfg.batch_size < 1:
         raise UsageError("--k and --batch_size must be positive, --temperature above 0")
     rank, world_size, device = init_distributed()
-    precision = autocast(device, cfg.precision)
+    precision = resolve_precision(cfg.precision, device)
     backbone, _, args, trained = load_backbone(cfg.checkpoint, cfg.arch, cfg.image_size, cfg.cifar_stem,
                                                cfg.patch_size)
     dataset = cfg.dataset or trained.get("dataset")
@@ -80,8 +76,8 @@ def main(cfg):
         raise UsageError(f"{cfg.checkpoint} does not say which dataset it was trained on; pass --dataset")
     data_dir = cfg.data_dir or trained.get("data_dir", "data")
     size = args["image_size"]
-    bank = labelled_split(cfg, dataset, data_dir, "train", size, cfg.train_subset)
-    queries = labelled_split(cfg, dataset, data_dir, "val", size, cfg.val_subset)
+    bank = eval_split(cfg, dataset, data_dir, "train", size, cfg.train_subset)
+    queries = eval_split(cfg, dataset, data_dir, "val", size, cfg.val_subset)
 
     backbone = backbone.to(device).eval()
     top1, top5 = knn_accuracy(backbone, bank, queries, cfg.k, cfg.temperature, cfg.batch_size, cfg.num_workers,
@@ -96,11 +92,9 @@ def main(cfg):
         write_json({"top1": top1, "top5": top5, "k": cfg.k, "k_used": k_used, "temperature": cfg.temperature,
                     "dataset": dataset,
                     "checkpoint": cfg.checkpoint, "num_train": len(bank), "num_val": len(queries),
-                    "data_dir": data_dir, "backbone_args": args, "precision": cfg.precision,
+                    "data_dir": data_dir, "backbone_args": args, "precision": precision,
                     "world_size": world_size, "seed": cfg.seed}, out)
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    close_distributed()
 
 
 if __name__ == "__main__":

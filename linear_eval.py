@@ -39,9 +39,10 @@ from tqdm import tqdm
 
 from common.augment import eval_transform, linear_train_transform
 from common.config import UsageError, parse_config, usage_errors
-from common.data import EpochSampler, SeededViews, Transformed, build_dataset, labels_of, subset
+from common.data import EpochSampler, SeededViews, Transformed, labelled_split, labels_of, subset
 from common.knn import extract_features, topk_correct
-from common.runtime import autocast, init_distributed, load_backbone, write_json
+from common.runtime import (autocast, close_distributed, init_distributed, load_backbone, resolve_precision,
+                            write_json)
 
 
 @dataclass
@@ -67,7 +68,7 @@ class Config:
     lr: float = 0.1  # per 256 images: the peak lr is lr x global_batch / 256, then a per-step cosine to 0
     momentum: float = 0.9  # SGD / LARS momentum
     weight_decay: float = 0.0  # on the head's weight (not its bias)
-    precision: str = "bf16"  # bf16 | fp16 (GPU only) | fp32 of the trunk's forward pass (the head is fp32)
+    precision: str = "auto"  # auto (bf16 where native, else fp16) | bf16 | fp16 (GPU) | fp32 of the trunk (head: fp32)
     seed: int = 0  # subsets, head init, data order and augmentations
     # output
     out: str = ""  # JSON file (empty = <checkpoint without extension>_linear_<dataset>.json)
@@ -80,8 +81,9 @@ class LARS(torch.optim.Optimizer):
     momentum on q * d. Parameters with ndim == 1 (biases, BN and LayerNorm weights) get neither weight decay
     nor adaptation: plain SGD with momentum. With clip=True the adapted step is capped at the scheduled lr
     (q <- min(q / lr, 1)), as in apex's LARC "clip" mode and solo-learn. Differences from the others:
-    SimCLR-TF's LARS selects the excluded variables by name and uses eta 0.001 without clipping; apex LARC
-    computes the trust ratio as eta * ||w|| / (||g|| + wd * ||w||) rather than from ||g + wd * w||."""
+    SimCLR-TF's LARS selects the excluded variables by name, uses eta 0.001 without clipping and keeps the lr
+    inside its momentum buffer; apex LARC computes the trust ratio as eta * ||w|| / (||g|| + wd * ||w||)
+    rather than from ||g + wd * w||."""
 
     def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.02, clip=True):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, clip=clip))
@@ -100,7 +102,10 @@ class LARS(torch.optim.Optimizer):
                     if group["clip"]:
                         q = (q / group["lr"]).clamp(max=1.0) if group["lr"] > 0 else torch.ones_like(q)
                     d = d.mul(q)
-                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                state = self.state[p]
+                if "momentum_buffer" not in state:  # allocated once, at the first step
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
                 buf.mul_(group["momentum"]).add_(d)
                 p.add_(buf, alpha=-group["lr"])
 
@@ -131,7 +136,7 @@ def main(cfg):
         raise UsageError("--epochs and --batch_size must be positive")
     rank, world_size, device = init_distributed()
     is_main = rank == 0
-    precision = autocast(device, cfg.precision)
+    precision = resolve_precision(cfg.precision, device)
     backbone, width, args, trained = load_backbone(cfg.checkpoint, cfg.arch, cfg.image_size, cfg.cifar_stem,
                                                    cfg.patch_size)
     backbone = backbone.to(device).eval().requires_grad_(False)  # frozen: running BN statistics, no grad
@@ -141,12 +146,8 @@ def main(cfg):
     data_dir, size = cfg.data_dir or trained.get("data_dir", "data"), args["image_size"]
 
     # ---- data ----
-    full = {split: build_dataset(dataset, data_dir, split, cfg.download, size) for split in ("train", "val")}
-    labels = labels_of(full["train"]) + labels_of(full["val"])
-    if min(labels, default=-1) < 0:
-        raise UsageError(f"{dataset} in {data_dir!r} has empty or unlabelled train/val splits; the linear "
-                         "probe needs labels (folder: one sub-folder per class)")
-    num_classes = max(labels) + 1
+    full = {split: labelled_split(dataset, data_dir, split, cfg.download, size) for split in ("train", "val")}
+    num_classes = max(labels_of(full["train"]) + labels_of(full["val"])) + 1
     train_images = subset(full["train"], cfg.train_subset, cfg.seed)
     val_set = Transformed(subset(full["val"], cfg.val_subset, cfg.seed), eval_transform(size, dataset))
     global_batch = cfg.batch_size * world_size
@@ -191,7 +192,7 @@ def main(cfg):
                 group["lr"] = lr
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if not cfg.cache_features:
-                with torch.no_grad(), precision:
+                with torch.no_grad(), autocast(device, precision):
                     x = backbone(x)
             loss = F.cross_entropy(ddp_head(x.float()), y)
             optimizer.zero_grad(set_to_none=True)
@@ -225,10 +226,8 @@ def main(cfg):
                     "cache_features": cfg.cache_features, "train_loss": train_loss, "dataset": dataset,
                     "checkpoint": cfg.checkpoint, "num_train": len(train_images), "num_val": len(val_set),
                     "num_classes": num_classes, "data_dir": data_dir, "backbone_args": args,
-                    "precision": cfg.precision, "seed": cfg.seed}, out)
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+                    "precision": precision, "seed": cfg.seed}, out)
+    close_distributed()
 
 
 if __name__ == "__main__":

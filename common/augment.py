@@ -64,9 +64,11 @@ def multi_crop(preset, dataset, global_size, local_size, num_local, global_scale
 
 
 def eval_transform(size, dataset):
-    """Deterministic: resize (with the usual 224/256 crop ratio above 64 px) and normalise."""
+    """Deterministic: resize the shorter side to `size`, centre-crop a square, normalise. Only image folders
+    above 64 px (ImageNet and the like, photos larger than the crop) take the usual 256/224 resize-then-crop;
+    CIFAR and STL-10 images are evaluated whole."""
     steps = [T.Resize(size, antialias=True), T.CenterCrop(size)]
-    if size > 64:
+    if dataset == "folder" and size > 64:
         steps = [T.Resize(int(size * 256 / 224), antialias=True), T.CenterCrop(size)]
     return T.Compose(steps + _normalize(dataset))
 

@@ -72,14 +72,20 @@ def _unknown(name, fields, where):
 
 
 def load_config(cls, argv):
-    """Build `cls` from argv: `--config file.yaml` first, then `--key value` / `--key=value` / `--flag`."""
+    """Build `cls` from argv: `--config file.yaml` first, then `--key value` / `--key=value` / `--flag`, or
+    `key=value` as hydra-style repositories take it (`python simclr.py epochs=200`)."""
     types = typing.get_type_hints(cls)
     fields = [f.name for f in dataclasses.fields(cls)]
     pairs, i = [], 0
     while i < len(argv):
         arg = argv[i]
+        bare_key, bare_eq, bare_value = arg.partition("=")
+        if bare_eq and bare_key and not arg.startswith("-"):  # key=value
+            pairs.append((bare_key.replace("-", "_"), bare_value))
+            i += 1
+            continue
         if not arg.startswith("--") or len(arg) == 2:
-            raise ConfigError(f"expected --key value, got {arg!r}")
+            raise ConfigError(f"expected --key value or key=value, got {arg!r}")
         key, eq, value = arg[2:].partition("=")
         key = key.replace("-", "_")
         if not eq:
@@ -127,7 +133,7 @@ def load_config(cls, argv):
 
 def usage(cls, prog):
     comments = _field_comments(cls)
-    lines = [f"usage: {prog} [--config file.yaml] [--key value ...]", "", "keys (default, meaning):"]
+    lines = [f"usage: {prog} [--config file.yaml] [--key value | key=value ...]", "", "keys (default, meaning):"]
     for f in dataclasses.fields(cls):
         lines.append(f"  --{f.name:<18} {f.default!r:<14} {comments.get(f.name, '')}")
     return "\n".join(lines)

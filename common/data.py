@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torchvision.datasets as tvd
 from PIL import Image
-from torch.utils.data import Dataset, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 from common.config import UsageError
 
@@ -99,7 +99,21 @@ def build_dataset(name, root, split, download=False, image_size=32):
     except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
         raise _missing(name, root, "pass --download true to fetch it there, or point --data_dir at the "
                        f"folder that holds it ({e})") from None
+    except OSError as e:  # --download without a network (urllib's URLError is an OSError), or a full disk
+        reason = getattr(e, "reason", None) or e.strerror or e
+        raise UsageError(f"could not download {name} into {root!r} ({type(e).__name__}: {reason}); download "
+                         f"it by hand into that folder (the files torchvision's {name} reader expects) and drop "
+                         "--download, or use --dataset folder with an ImageFolder tree") from None
     raise UsageError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+
+
+def labelled_split(name, root, split, download=False, image_size=32):
+    """build_dataset for evaluation ('train' or 'val'), where every image needs its class label."""
+    data = build_dataset(name, root, split, download, image_size)
+    if min(labels_of(data), default=-1) < 0:
+        raise UsageError(f"the {split} split of {name} in {root!r} is empty or unlabelled; kNN and the linear probe "
+                         "need labels (folder: train/ and val/, each with one sub-folder per class)")
+    return data
 
 
 def subset(dataset, n, seed=0):
@@ -108,6 +122,27 @@ def subset(dataset, n, seed=0):
         return dataset
     idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n]
     return Subset(dataset, idx.sort().values.tolist())
+
+
+def pretrain_loader(cfg, views, rank, world_size, device):
+    """The pre-training DataLoader of a method script: cfg.dataset's 'pretrain' split (a fixed random cfg.subset
+    of it), each image turned into `views` (two views or multi-crop) with randomness fixed by (seed, epoch,
+    index), and this rank's share of every global batch. Call loader.sampler.set_epoch(epoch) each epoch.
+
+    DistributedSampler's permutation depends on the seed and the epoch only, and rank r takes its items r, r + W,
+    ...: global batch b is items [b * G, (b + 1) * G) of the permutation for any split of the global batch G over
+    W ranks, so a run resumed on another number of ranks with the same G sees the same images in every batch."""
+    images = subset(build_dataset(cfg.dataset, cfg.data_dir, "pretrain", cfg.download, cfg.image_size),
+                    cfg.subset, cfg.seed)
+    train_set = SeededViews(images, views, seed=cfg.seed)
+    sampler = EpochSampler(DistributedSampler(train_set, world_size, rank, shuffle=True, seed=cfg.seed,
+                                              drop_last=True))
+    loader = DataLoader(train_set, cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
+                        pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0, drop_last=True)
+    if len(loader) == 0:
+        raise UsageError(f"{len(train_set)} images make no full batch of {cfg.batch_size} x {world_size} "
+                         "ranks; lower --batch_size")
+    return loader
 
 
 class SeededViews(Dataset):

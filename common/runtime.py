@@ -1,5 +1,6 @@
-"""Run plumbing: torchrun detection, the run folder, JSON-lines metrics, atomic checkpoints, RNG states,
-and loading a trunk for evaluation from a checkpoint or a plain state_dict."""
+"""Run plumbing that carries no method knowledge: torchrun detection, precision, the run folder (config.json,
+metrics.jsonl), per-step metrics kept on the device, atomic checkpoints, exact resume (also on another number
+of ranks), and loading a trunk for evaluation from a checkpoint or a plain state_dict."""
 import dataclasses
 import json
 import os
@@ -30,12 +31,31 @@ def init_distributed():
     return rank, world_size, torch.device("cpu")
 
 
-def autocast(device, precision):
-    """bf16 or fp16 autocast (fp16 only on GPU, where it comes with a GradScaler), or nothing for fp32."""
-    if precision not in ("bf16", "fp16", "fp32"):
-        raise UsageError(f"precision must be bf16, fp16 or fp32, got {precision!r}")
+def close_distributed():
+    """Wait for every rank, then tear the process group down (nothing to do without torchrun)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+def resolve_precision(precision, device):
+    """The precision a run computes in: `auto` is bf16 where the device has it natively (CPUs; NVIDIA A100,
+    H100 and later), else fp16 with a GradScaler (V100, T4, where bf16 would be emulated and slow)."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        native_bf16 = device.type != "cuda" or torch.cuda.is_bf16_supported(including_emulation=False)
+        return "bf16" if native_bf16 else "fp16"
     if precision == "fp16" and device.type != "cuda":
-        raise UsageError("fp16 needs a GPU (its GradScaler is CUDA-only); use --precision bf16 on CPU")
+        raise UsageError("fp16 needs a GPU (its GradScaler is CUDA-only); use --precision bf16 or auto on CPU")
+    return precision
+
+
+def autocast(device, precision):
+    """The autocast context of a resolved precision (resolve_precision): bf16, fp16, or none for fp32."""
     dtype = torch.float16 if precision == "fp16" else torch.bfloat16
     return torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32")
 
@@ -49,13 +69,13 @@ def git_commit():
         return "unknown"
 
 
-def prepare_run_folder(cfg, resume, is_main, **derived):
+def prepare_run_folder(cfg, is_main, **derived):
     """Create cfg.out_dir and write the resolved config (cfg, derived values, git commit) to config.json and
     to metrics.jsonl; refuse to train over an existing run unless resuming. Returns last.pt's path."""
     last = os.path.join(cfg.out_dir, "last.pt")
-    if resume and not os.path.exists(last):
+    if cfg.resume and not os.path.exists(last):
         raise UsageError(f"--resume: no checkpoint {last}; start a new run without --resume")
-    if not resume and os.path.exists(last):
+    if not cfg.resume and os.path.exists(last):
         raise UsageError(f"{cfg.out_dir} already holds a run ({last}); pass --resume to continue it, "
                          "or choose another --out_dir")
     if is_main:
@@ -74,6 +94,65 @@ def changed_settings(saved, cfg):
             if k != "resume" and k in saved and saved[k] != v]
 
 
+def check_schedule(saved, schedule, path):
+    """A run continues exactly where its schedule does: steps per epoch, total steps, the peak lr and every
+    per-step schedule are functions of the global batch and the data, not of how the batch is split over
+    ranks. Another split of the same global batch is the same run; another global batch is an error."""
+    if not saved:  # a checkpoint older than this check
+        return
+    if saved["global_batch"] != schedule["global_batch"]:
+        g, world = saved["global_batch"], schedule["world_size"]
+        hint = f"--batch_size {g // world} on {world} ranks" if g % world == 0 else f"batch_size x ranks = {g}"
+        raise UsageError(f"{path} was trained with a global batch of {g} ({saved['world_size']} ranks x "
+                         f"{g // saved['world_size']}); this run's is {schedule['global_batch']} ({world} x "
+                         f"{schedule['global_batch'] // world}), which would change its schedule. Resume with "
+                         f"{hint}, or start a new run in another --out_dir")
+    if saved["steps_per_epoch"] != schedule["steps_per_epoch"]:
+        raise UsageError(f"{path} was trained with {saved['steps_per_epoch']} steps per epoch; this run's data "
+                         f"give {schedule['steps_per_epoch']}. Resume with the dataset and --subset it was "
+                         "trained with (its config.json)")
+
+
+def resume_training(path, cfg, schedule, model, optimizer, scaler, device, is_main):
+    """Continue the run in cfg.out_dir: load last.pt into the model (with its buffers: EMA targets, queues,
+    centres), the optimizer and the scaler (strict), check that the schedule continues (check_schedule) and
+    restore this rank's random generators. Returns (step, epoch) to continue from."""
+    ckpt = load_checkpoint(path)
+    check_schedule(ckpt.get("schedule"), schedule, path)
+    load_state(model, ckpt["model"], path)
+    load_state(optimizer, ckpt["optimizer"], path)
+    load_state(scaler, ckpt["scaler"], path)
+    set_rng_states(ckpt["rng"], device)
+    changed = changed_settings(ckpt["config"], cfg)  # e.g. a longer --epochs reshapes the schedule
+    if is_main and changed:
+        print(f"resuming with changed settings: {'; '.join(changed)}", flush=True)
+    return ckpt["step"], ckpt["epoch"]
+
+
+def save_training_state(path, cfg, schedule, step, epoch, model, optimizer, scaler, device, is_main):
+    """Call on every rank at the end of an epoch: the main rank writes last.pt (atomically), and also
+    epoch_XXXX.pt every cfg.snapshot_every epochs and at the end. The model must have `backbone` and
+    `backbone_args`; its trunk is stored on its own too, as a plain state_dict for evaluation.
+    Non-finite weights are never written: the run stops instead, and the last good checkpoint stays."""
+    finite = torch.stack([t.isfinite().all() for t in model.state_dict().values() if t.is_floating_point()]).all()
+    finite = finite.float()
+    if dist.is_initialized():
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if not finite.item():
+        raise SystemExit(f"error: the weights are not finite after step {step} (epoch {epoch}); stopped "
+                         f"without writing a checkpoint, so {path} keeps the last good state. Lower --lr, "
+                         "lengthen --warmup_epochs or try --precision fp32, then --resume.")
+    if not is_main:
+        return
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+             "step": step, "epoch": epoch, "config": dataclasses.asdict(cfg), "schedule": schedule,
+             "rng": rng_states(device), "backbone": model.backbone.state_dict(),
+             "backbone_args": model.backbone_args}
+    save_checkpoint(state, path)
+    if epoch % cfg.snapshot_every == 0 or epoch == cfg.epochs:
+        save_checkpoint(state, os.path.join(os.path.dirname(path), f"epoch_{epoch:04d}.pt"))
+
+
 class MetricLog:
     """Appends one JSON object per call to out_dir/metrics.jsonl (main rank only)."""
 
@@ -86,21 +165,73 @@ class MetricLog:
                 f.write(json.dumps({"time": round(time.time(), 3), **metrics}) + "\n")
 
 
-def rng_states():
-    """Every generator's state, as tensors and plain Python values (loadable with weights_only=True)."""
+class StepMetrics:
+    """Per-step scalars of the training loop (the loss, a collapse monitor), kept on the device: the loop never
+    reads a value back, which on a GPU would stall its launch queue every step. read() -- every log_every
+    steps and at the end of an epoch, on every rank -- averages them over the steps since the last read and
+    over ranks with one all_reduce, and stops the run, naming the step, if a loss was not finite. Between two
+    reads no checkpoint is written, so a non-finite loss never reaches one."""
+
+    def __init__(self, out_dir):
+        self.out_dir = out_dir
+        self.window = {}  # name -> 0-d tensors, one per step since the last read
+        self.epoch = {}  # name -> [sum, count] over the steps read this epoch
+
+    def add(self, **values):
+        for name, value in values.items():
+            self.window.setdefault(name, []).append(value.detach().float())
+
+    def read(self, step):
+        """{'train/<name>': mean} over the steps since the last read, `step` being the number of steps done."""
+        if not self.window:
+            return {}
+        names = list(self.window)
+        table = torch.stack([torch.stack(self.window.pop(name)) for name in names])  # metrics x steps
+        if dist.is_initialized():
+            dist.all_reduce(table)
+            table /= dist.get_world_size()
+        table = table.cpu()
+        losses = table[names.index("loss")] if "loss" in names else table[:0].flatten()
+        bad = (~losses.isfinite()).nonzero().flatten()
+        if len(bad):
+            first = step - len(losses) + int(bad[0])  # steps are numbered from 0
+            raise SystemExit(f"error: loss is {float(losses[bad[0]])} at step {first}; stopped without writing a "
+                             f"checkpoint, so {os.path.join(self.out_dir, 'last.pt')} keeps the last good state. "
+                             "Lower --lr, lengthen --warmup_epochs or try --precision fp32, then --resume.")
+        for name, row in zip(names, table):
+            total = self.epoch.setdefault(name, [0.0, 0])
+            total[0] += float(row.sum())
+            total[1] += len(row)
+        return {f"train/{name}": float(row.mean()) for name, row in zip(names, table)}
+
+    def read_epoch(self, step):
+        """Read what is left of the epoch, then {'train/epoch_<name>': mean over the epoch's steps}."""
+        self.read(step)
+        means = {f"train/epoch_{name}": total / count for name, (total, count) in self.epoch.items()}
+        self.epoch = {}
+        return means
+
+
+def rng_states(device):
+    """The generators a run may draw from, as tensors and plain values (loadable with weights_only=True):
+    torch's on the CPU and on this rank's GPU only (one state per visible GPU would not load where fewer are
+    visible), Python's and NumPy's."""
     np_state = np.random.get_state()
     return {"torch": torch.get_rng_state(), "python": random.getstate(),
             "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
-def set_rng_states(states):
+def set_rng_states(states, device):
     torch.set_rng_state(states["torch"])
     random.setstate(tuple(tuple(s) if isinstance(s, list) else s for s in states["python"]))
     name, keys, *rest = states["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    cuda = states.get("cuda")
+    if isinstance(cuda, (list, tuple)):  # checkpoints before this fix: one state per visible GPU, rank 0's first
+        cuda = cuda[0] if cuda else None
+    if cuda is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def save_checkpoint(state, path):

@@ -1,4 +1,6 @@
-"""Battery plumbing: MethodCase (what a method script tells the battery) and run_ranks (gloo processes)."""
+"""Battery plumbing: MethodCase (what a method script declares to the battery), quick_args (a short run of a
+method script on synthetic data) and run_ranks (gloo processes)."""
+import importlib
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -32,7 +34,20 @@ def run_ranks(fn, world_size, *args):
 class MethodCase:
     """A method's entry in the battery (tests/test_battery.py). Each method has a tests/case_<method>.py
     defining CASE = MethodCase(...), and its name in test_battery.METHODS."""
+    model: str  # the name of the script's model class (an nn.Module with .backbone and .backbone_args)
     inputs: Callable  # () -> dict of whole-batch tensors (batch first): the loss's inputs
     call: Callable  # (module, inputs) -> (loss, buffers dict); runs on a rank's share under torch.distributed
     reference: Callable  # (inputs) -> float: the paper's formula, one sample at a time
     small: list = field(default_factory=list)  # command-line overrides for quick CPU runs
+
+
+def case_of(method):
+    return importlib.import_module(f"case_{method}").CASE
+
+
+def quick_args(method, out_dir, *extra, epochs=2):
+    """The command line of a short run of `method`.py on synthetic data: 64 images, batch 16 per rank, the
+    method's small heads, then `extra`."""
+    return [f"{method}.py", "--dataset", "synthetic", "--subset", "64", "--batch_size", "16", "--num_workers", "0",
+            "--epochs", str(epochs), "--warmup_epochs", "1", "--out_dir", str(out_dir), *case_of(method).small,
+            *extra]

@@ -42,5 +42,5 @@ def barlow_reference(x):
     return SCALE * loss
 
 
-CASE = MethodCase(barlow_inputs, barlow_call, barlow_reference,
+CASE = MethodCase(model="BarlowTwins", inputs=barlow_inputs, call=barlow_call, reference=barlow_reference,
                   small=["--proj_hidden_dim", "64", "--proj_dim", "32"])

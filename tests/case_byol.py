@@ -1,8 +1,7 @@
 """BYOL's entry in the battery: the symmetric regression loss against its per-sample formula.
 
-The loss's four inputs travel as ONE tensor, n x 4 x d (p1, p2, z1, z2 along dim 1): byol_loss detaches the
-target projections z1, z2, so as separate inputs they would have no .grad for the battery's gradient check;
-as slices of one input their gradient is zero, and the check also asserts that (no gradient reaches them)."""
+The target projections are plain inputs here: the stop-gradient is where the paper puts it, on the target
+network (BYOL.forward runs it under torch.no_grad(); tests/test_byol.py checks that), not in the loss."""
 import torch
 
 from battery import MethodCase
@@ -10,12 +9,11 @@ from battery import MethodCase
 
 def byol_inputs():
     g = torch.Generator().manual_seed(0)
-    return {"p1_p2_z1_z2": torch.randn(8, 4, 16, generator=g)}
+    return {name: torch.randn(8, 16, generator=g) for name in ("p1", "p2", "target_z1", "target_z2")}
 
 
 def byol_call(module, x):
-    p1, p2, z1, z2 = x["p1_p2_z1_z2"].unbind(1)
-    return module.byol_loss(p1, p2, z1, z2), {}
+    return module.byol_loss(x["p1"], x["p2"], x["target_z1"], x["target_z2"]), {}
 
 
 def byol_reference(x):
@@ -25,9 +23,10 @@ def byol_reference(x):
         dot = sum(p[k] * z[k] for k in range(len(p)))
         return 2 - 2 * dot / (sum(v * v for v in p) ** 0.5 * sum(v * v for v in z) ** 0.5)
 
-    rows = x["p1_p2_z1_z2"].double().tolist()
-    return sum(regression(p1, z2) + regression(p2, z1) for p1, p2, z1, z2 in rows) / len(rows)
+    rows = zip(*(x[name].double().tolist() for name in ("p1", "p2", "target_z1", "target_z2")))
+    n = len(x["p1"])
+    return sum(regression(p1, target_z2) + regression(p2, target_z1) for p1, p2, target_z1, target_z2 in rows) / n
 
 
-CASE = MethodCase(byol_inputs, byol_call, byol_reference,
+CASE = MethodCase(model="BYOL", inputs=byol_inputs, call=byol_call, reference=byol_reference,
                   small=["--proj_hidden_dim", "64", "--proj_dim", "32", "--pred_hidden_dim", "64"])

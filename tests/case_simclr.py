@@ -30,5 +30,5 @@ def simclr_reference(x):
     return total / (2 * n)
 
 
-CASE = MethodCase(simclr_inputs, simclr_call, simclr_reference,
+CASE = MethodCase(model="SimCLR", inputs=simclr_inputs, call=simclr_call, reference=simclr_reference,
                   small=["--proj_hidden_dim", "64", "--proj_dim", "32"])

@@ -46,5 +46,5 @@ def negative_cosine(p, z):
     return -dot / (norm_p * norm_z)
 
 
-CASE = MethodCase(simsiam_inputs, simsiam_call, simsiam_reference,
+CASE = MethodCase(model="SimSiam", inputs=simsiam_inputs, call=simsiam_call, reference=simsiam_reference,
                   small=["--proj_hidden_dim", "64", "--proj_dim", "32", "--pred_hidden_dim", "16"])

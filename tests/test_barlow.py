@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 import barlow
 from battery import run_ranks
-from conftest import assert_ok, run_script
+from helpers import assert_ok, run_script
 
 
 def hadamard(n):
@@ -114,3 +114,35 @@ def test_bias_lr_ratio_scales_the_lr_of_biases_and_norm_parameters(tmp_path):
     assert ones_d and all(torch.equal(trained[name], fresh[name].detach()) for name in ones_d)
     moved = [name for name, p in fresh.items() if p.ndim > 1 and not torch.equal(trained[name], p.detach())]
     assert len(moved) == len(fresh) - len(ones_d)
+
+
+# ---- the cross-rank sums: C's gradient needs no communication; nothing is reduced in autograd's buffer ----
+class _Ctx:
+    def __init__(self, same_on_every_rank):
+        self.same_on_every_rank = same_on_every_rank
+
+
+def _backward_traffic(rank, world_size):
+    """The sizes of the tensors all-reduced during the backward of barlow_loss, and whether SumOverRanks's
+    backward leaves the gradient it is given as it was."""
+    g = torch.Generator().manual_seed(4)
+    z1, z2 = (torch.randn(16, 5, generator=g).chunk(world_size)[rank].clone().requires_grad_() for _ in range(2))
+    loss = barlow.barlow_loss(z1, z2, lambd=0.5, scale=1.0)
+    sizes, all_reduce = [], torch.distributed.all_reduce
+    torch.distributed.all_reduce = lambda t, *a, **k: (sizes.append(t.numel()), all_reduce(t, *a, **k))[1]
+    try:
+        loss.backward()
+    finally:
+        torch.distributed.all_reduce = all_reduce
+    untouched = []
+    for same in (False, True):
+        grad = torch.full((5,), float(rank + 1))
+        barlow.SumOverRanks.backward(_Ctx(same), grad)
+        untouched.append(torch.equal(grad, torch.full((5,), float(rank + 1))))
+    return sizes, untouched
+
+
+def test_backward_sends_no_cross_correlation_gradient_and_copies_before_reducing():
+    for sizes, untouched in run_ranks(_backward_traffic, 2):
+        assert sizes and 5 * 5 not in sizes and set(sizes) == {5}  # only the d-sized statistics' gradients
+        assert untouched == [True, True]

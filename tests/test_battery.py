@@ -4,38 +4,35 @@
 (2) two gloo processes, each holding half of a batch, give the same loss, gradients and buffers as one
     process holding the whole batch;
 (3) it trains end to end on synthetic data in one process and under torchrun --nproc_per_node=2;
-(4) interrupted and resumed, it ends with exactly the weights of an uninterrupted run;
+(4) interrupted and resumed, it ends with exactly the weights of an uninterrupted run; resumed on another
+    number of ranks with the same global batch, it continues the same schedule;
 (5) knn_eval.py and linear_eval.py accept its checkpoint;
-(6) bad input gives a clear error, and a non-finite loss never overwrites a good checkpoint;
-plus its LARS against the update rule, its lr schedule at its endpoints, and its configs parse.
+(6) bad input gives a clear one-line error, and a non-finite loss never overwrites a good checkpoint;
+plus its optimizer groups and LARS against the update rule, its lr schedule at its endpoints, the parts every
+script shares being identical, and its configs parse.
 
 Gradient convention of (2): DDP averages gradients over ranks, so what a rank's loss gives its own inputs,
 divided by world_size, must equal the whole-batch gradient of those inputs.
 """
 import hashlib
 import importlib
+import inspect
 import json
 import math
 import shutil
 
 import pytest
 import torch
+from PIL import Image
 
-from battery import run_ranks
-from conftest import REPO, assert_clean_error, run_script, run_torchrun
-
+from battery import case_of, quick_args, run_ranks
+from helpers import REPO, assert_clean_error, assert_one_line_error, run_script, run_torchrun
 
 METHODS = ["simclr", "byol", "simsiam", "barlow"]  # to add one: write tests/case_<method>.py, add it here
 
 
-def case_of(method):
-    return importlib.import_module(f"case_{method}").CASE
-
-
-def quick_args(method, out_dir, epochs=2, *extra):
-    return [f"{method}.py", "--dataset", "synthetic", "--subset", "64", "--batch_size", "16", "--num_workers", "0",
-            "--epochs", str(epochs), "--warmup_epochs", "1", "--out_dir", str(out_dir), *case_of(method).small,
-            *extra]
+def metrics_of(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 # ---- (1) the loss against the paper's formula ----
@@ -78,17 +75,21 @@ def test_distributed_equals_single_process(method):
 
 
 # ---- (3) end to end, one process and torchrun ----
-class TrainedRuns(dict):
-    """One uninterrupted 2-epoch run per method (a snapshot every epoch, the kNN monitor at epoch 2), made
-    the first time a test asks for that method, and shared by the tests that follow."""
+class Runs(dict):
+    """One uninterrupted 2-epoch run per method, a snapshot every epoch, made the first time a test asks for
+    that method and shared by the tests that follow: in one process (batch 16, the kNN monitor at epoch 2),
+    or under torchrun with 2 ranks x 16 (a line in metrics.jsonl every step)."""
 
-    def __init__(self, root):
+    def __init__(self, root, ranks):
         super().__init__()
-        self.root = root
+        self.root, self.ranks = root, ranks
 
     def __missing__(self, method):
         out = self.root / method / "run"
-        result = run_script(quick_args(method, out, 2, "--snapshot_every", "1", "--knn_every", "2"))
+        if self.ranks == 1:
+            result = run_script(quick_args(method, out, "--snapshot_every", "1", "--knn_every", "2"))
+        else:
+            result = run_torchrun(self.ranks, quick_args(method, out, "--snapshot_every", "1", "--log_every", "1"))
         assert result.returncode == 0, result.stderr[-3000:]
         self[method] = out
         return out
@@ -96,7 +97,12 @@ class TrainedRuns(dict):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    return TrainedRuns(tmp_path_factory.mktemp("trained"))
+    return Runs(tmp_path_factory.mktemp("trained"), ranks=1)
+
+
+@pytest.fixture(scope="module")
+def trained_torchrun(tmp_path_factory):
+    return Runs(tmp_path_factory.mktemp("torchrun"), ranks=2)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -105,8 +111,10 @@ def test_end_to_end_one_process(method, trained):
     assert (out / "last.pt").exists() and (out / "epoch_0001.pt").exists() and (out / "epoch_0002.pt").exists()
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["step"] == 2 * (64 // 16)
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert lines[0]["event"] == "config" and lines[0]["global_batch"] == 16
+    assert ckpt["schedule"] == {"world_size": 1, "global_batch": 16, "steps_per_epoch": 4, "total_steps": 8,
+                                "peak_lr": ckpt["config"]["lr"] * 16 / 256}
+    lines = metrics_of(out)
+    assert lines[0]["event"] == "config" and lines[0]["global_batch"] == 16 and lines[0]["precision"] == "bf16"
     losses = [line["train/epoch_loss"] for line in lines if "train/epoch_loss" in line]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
     knn = [line for line in lines if "eval/knn_top1" in line]  # the online monitor ran once, at epoch 2
@@ -118,16 +126,18 @@ def test_end_to_end_one_process(method, trained):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_end_to_end_torchrun(method, tmp_path):
-    result = run_torchrun(2, quick_args(method, tmp_path / "run", 1))
-    assert result.returncode == 0, result.stderr[-3000:]
-    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
-    assert ckpt["epoch"] == 1 and ckpt["step"] == 64 // (16 * 2)  # global batch 32
-    config = json.loads((tmp_path / "run" / "config.json").read_text())
+def test_end_to_end_torchrun(method, trained_torchrun):
+    out = trained_torchrun[method]
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["step"] == 2 * 64 // (16 * 2)  # global batch 32
+    config = json.loads((out / "config.json").read_text())
     assert config["world_size"] == 2 and config["global_batch"] == 32
+    steps = [line["step"] for line in metrics_of(out) if "train/loss" in line]
+    assert steps == [1, 2, 3, 4] and all(math.isfinite(line["train/loss"]) for line in metrics_of(out)
+                                         if "train/loss" in line)
 
 
-# ---- (4) resume gives exactly the uninterrupted weights ----
+# ---- (4) resume gives exactly the uninterrupted weights, and the same schedule on another world size ----
 @pytest.mark.parametrize("method", METHODS)
 def test_resume_is_exact(method, trained, tmp_path):
     """Resume from the epoch-1 snapshot of the uninterrupted run, as a run stopped during epoch 2 would.
@@ -135,7 +145,7 @@ def test_resume_is_exact(method, trained, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     shutil.copy(trained[method] / "epoch_0001.pt", run / "last.pt")
-    args = quick_args(method, run, 2, "--resume")
+    args = quick_args(method, run, "--resume")
     args[args.index("--num_workers") + 1] = "2"
     result = run_script(args)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -148,6 +158,29 @@ def test_resume_is_exact(method, trained, tmp_path):
             assert torch.equal(resumed[key][name], straight[key][name]), f"{key}.{name} differs after resume"
     for a, b in zip(resumed["optimizer"]["state"].values(), straight["optimizer"]["state"].values()):
         assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_resume_on_another_world_size_continues_the_schedule(method, trained_torchrun, tmp_path):
+    """A run of 2 ranks x 16, stopped after epoch 1, resumed in 1 process x 32: the same global batch, so the
+    same run. Every step of epoch 2 has the lr (and EMA rate) of the uninterrupted run; the images of each
+    global batch are the same too (test_common: test_pretrain_loader_global_batches_do_not_depend_on_ranks)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(trained_torchrun[method] / "epoch_0001.pt", run / "last.pt")
+    args = quick_args(method, run, "--resume", "--log_every", "1")
+    args[args.index("--batch_size") + 1] = "32"
+    result = run_script(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "batch_size: 16 -> 32" in result.stdout  # reported, and accepted
+
+    def schedule(out):
+        return {line["step"]: {k: v for k, v in line.items() if k == "train/lr" or k.startswith("schedule/")}
+                for line in metrics_of(out) if "train/lr" in line and line["epoch"] == 2}
+
+    expected = schedule(trained_torchrun[method])
+    assert sorted(expected) == [3, 4] and schedule(run) == expected
+    assert torch.load(run / "last.pt", weights_only=True)["step"] == 4
 
 
 # ---- (5) the evaluation scripts accept the checkpoint ----
@@ -165,48 +198,80 @@ def test_eval_scripts_accept_checkpoint(method, trained, tmp_path):
 
 
 # ---- (6) bad input ----
+def _unlabelled_folder(root):
+    """Images without class sub-folders (pre-training reads them as unlabeled) and no val/."""
+    root.mkdir()
+    for i in range(20):
+        Image.new("RGB", (32, 32), (i * 12, 0, 0)).save(root / f"{i}.png")
+    return root
+
+
+def _resume_copy(trained, method, tmp_path, contents=None):
+    run = tmp_path / "run"
+    run.mkdir()
+    if contents is None:
+        shutil.copy(trained[method] / "epoch_0001.pt", run / "last.pt")
+    else:
+        (run / "last.pt").write_bytes(contents)
+    return run
+
+
+BAD_INPUT = {  # scenario: (method, trained runs, tmp_path) -> (command line, what the one-line error says)
+    "unknown key": lambda m, t, tmp: (quick_args(m, tmp / "a", "--learning_rate", "0.1"),
+                                      "unknown config key 'learning_rate' on the command line"),
+    "unknown key=value": lambda m, t, tmp: (quick_args(m, tmp / "a", "learning_rate=0.1"),
+                                            "unknown config key 'learning_rate' on the command line"),
+    "wrong type": lambda m, t, tmp: (quick_args(m, tmp / "a", "--epochs", "two"), "'epochs' expects int"),
+    "unknown key in a config file": lambda m, t, tmp: (
+        [f"{m}.py", "--config", _write(tmp / "bad.yaml", "epochs: 2\nbatchsize: 8\n")],
+        "unknown config key 'batchsize'"),
+    "missing data": lambda m, t, tmp: (quick_args(m, tmp / "a", "--dataset", "folder", "--data_dir",
+                                                  tmp / "nowhere"), "nowhere"),
+    "kNN monitor without labels": lambda m, t, tmp: (
+        quick_args(m, tmp / "a", "--dataset", "folder", "--data_dir", _unlabelled_folder(tmp / "photos"),
+                   "--knn_every", "1"), "need labels"),
+    "existing run without --resume": lambda m, t, tmp: (quick_args(m, t[m]), "--resume"),
+    "corrupt checkpoint": lambda m, t, tmp: (
+        quick_args(m, _resume_copy(t, m, tmp, b"\x00not a checkpoint" * 10), "--resume"), "cannot read checkpoint"),
+    "checkpoint of another arch": lambda m, t, tmp: (
+        quick_args(m, _resume_copy(t, m, tmp), "--resume", "--arch", "resnet34"), "does not fit this run's"),
+    "resume with another global batch": lambda m, t, tmp: (
+        quick_args(m, _resume_copy(t, m, tmp), "--resume", "--batch_size", "8"), "global batch of 16"),
+}
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("scenario", BAD_INPUT)
 @pytest.mark.parametrize("method", METHODS)
-def test_bad_input_is_a_clear_error(method, trained, tmp_path):
-    unknown = run_script(quick_args(method, tmp_path / "a", 1, "--learning_rate", "0.1"))
-    assert_clean_error(unknown, "unknown config key 'learning_rate'")
-    assert "Valid keys:" in unknown.stderr and " epochs," in unknown.stderr
-    wrong_type = run_script(quick_args(method, tmp_path / "b", 1, "--epochs", "two"))
-    assert_clean_error(wrong_type, "'epochs' expects int")
-    yaml_file = tmp_path / "bad.yaml"
-    yaml_file.write_text("epochs: 2\nbatchsize: 8\n")
-    bad_yaml = run_script([f"{method}.py", "--config", str(yaml_file)])
-    assert_clean_error(bad_yaml, "unknown config key 'batchsize'")
-    missing = run_script(quick_args(method, tmp_path / "c", 1) + ["--dataset", "folder", "--data_dir",
-                                                                  str(tmp_path / "nowhere")])
-    assert_clean_error(missing, "nowhere")
-    # an existing run is never trained over without --resume
-    again = run_script(quick_args(method, trained[method], 2))
-    assert_clean_error(again, "--resume")
-    # a corrupt last.pt is reported, not loaded
-    corrupt = tmp_path / "corrupt"
-    corrupt.mkdir()
-    (corrupt / "last.pt").write_bytes(b"\x00not a checkpoint" * 10)
-    assert_clean_error(run_script(quick_args(method, corrupt, 2, "--resume")), "cannot read checkpoint")
-    # a checkpoint resumed with a config it does not fit (another arch) is reported, not half-loaded
-    other = tmp_path / "other"
-    other.mkdir()
-    shutil.copy(trained[method] / "epoch_0001.pt", other / "last.pt")
-    assert_clean_error(run_script(quick_args(method, other, 2, "--resume", "--arch", "resnet34")),
-                       "does not fit this run's")
+def test_bad_input_is_a_one_line_error(method, scenario, trained, tmp_path):
+    args, fragment = BAD_INPUT[scenario](method, trained, tmp_path)
+    result = run_script(args)
+    assert_one_line_error(result, fragment)
+    if scenario.startswith("unknown key"):
+        assert "Valid keys:" in result.stderr and " epochs," in result.stderr
+    assert not (tmp_path / "a" / "last.pt").exists()  # nothing trained: every check runs before the first step
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_non_finite_loss_keeps_the_last_good_checkpoint(method, tmp_path):
     run = tmp_path / "run"
-    first = run_script(quick_args(method, run, 1, "--optimizer", "sgd"))
+    first = run_script(quick_args(method, run, "--optimizer", "sgd", epochs=1))
     assert first.returncode == 0, first.stderr[-3000:]
-    digest = hashlib.sha256((run / "last.pt").read_bytes()).hexdigest()
-    blown = run_script(quick_args(method, run, 3, "--optimizer", "sgd", "--resume", "--lr", "1e30",
-                                  "--warmup_epochs", "0"))
-    assert_clean_error(blown, "loss is nan")
+    def checkpoints():
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in run.glob("*.pt*")}
+
+    before = checkpoints()
+    assert sorted(before) == ["epoch_0001.pt", "last.pt"]
+    blown = run_script(quick_args(method, run, "--optimizer", "sgd", "--resume", "--lr", "1e30",
+                                  "--warmup_epochs", "0", epochs=3))
+    assert_clean_error(blown, "error: loss is ")
+    assert " at step " in blown.stderr and "keeps the last good state" in blown.stderr
     assert "resuming with changed settings: epochs: 1 -> 3; lr: " in blown.stdout
-    assert hashlib.sha256((run / "last.pt").read_bytes()).hexdigest() == digest
-    assert not list(run.glob("*.tmp"))
+    assert checkpoints() == before  # nothing written, nothing left half-written
 
 
 # ---- optimizer and schedules ----
@@ -236,6 +301,61 @@ def test_lars_follows_its_update_rule(method):
 
 
 @pytest.mark.parametrize("method", METHODS)
+def test_lars_allocates_its_momentum_buffers_once(method, monkeypatch):
+    module = importlib.import_module(method)
+    w, b = torch.randn(4, 3, requires_grad=True), torch.randn(4, requires_grad=True)
+    w.grad, b.grad = torch.randn(4, 3), torch.randn(4)
+    opt = module.LARS([w, b], lr=0.1)
+    opt.step()
+    buffers = [opt.state[p]["momentum_buffer"] for p in (w, b)]
+    calls = []
+    zeros_like = torch.zeros_like
+    monkeypatch.setattr(torch, "zeros_like", lambda *a, **k: calls.append(a) or zeros_like(*a, **k))
+    opt.step()
+    opt.step()
+    assert calls == [] and all(opt.state[p]["momentum_buffer"] is buf for p, buf in zip((w, b), buffers))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "lars"])
+@pytest.mark.parametrize("method", METHODS)
+def test_optimizer_groups_and_their_lr(method, optimizer):
+    """Weights and (biases + norm parameters) in their own groups, every group's lr set by set_lr: the
+    scheduled lr x its lr_ratio, or the peak lr in fixed_lr groups (SimSiam's predictor)."""
+    case, module = case_of(method), importlib.import_module(method)
+    cfg = module.Config(optimizer=optimizer, bias_lr_ratio=0.25, proj_hidden_dim=16, proj_dim=8)
+    model = getattr(module, case.model)(cfg)
+    opt = module.build_optimizer(cfg, model)
+    trained = {id(p) for p in model.parameters() if p.requires_grad}
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == trained
+    for group in opt.param_groups:
+        ndims = {p.ndim > 1 for p in group["params"]}
+        assert len(ndims) == 1 and group["lr_ratio"] == (1.0 if ndims == {True} else 0.25)
+        assert group["weight_decay"] == (cfg.weight_decay if ndims == {True} else 0.0)
+    module.set_lr(opt, 0.3, peak_lr=2.0)
+    lrs = {(g["fixed_lr"], g["lr_ratio"], g["lr"]) for g in opt.param_groups}
+    assert lrs == {(False, 1.0, 0.3), (False, 0.25, 0.075)}
+    fixed = module.build_optimizer(cfg, model, fixed_lr=list(model.backbone.parameters()))
+    module.set_lr(fixed, 0.3, peak_lr=2.0)
+    held = {id(p) for g in fixed.param_groups if g["fixed_lr"] for p in g["params"]}
+    assert held == {id(p) for p in model.backbone.parameters()}
+    assert {g["lr"] for g in fixed.param_groups if g["fixed_lr"]} == {2.0, 0.5}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_decay_bias_and_norm(method):
+    """The official SimSiam decays every parameter: with SGD, decay_bias_and_norm puts the weight decay on
+    biases and norm parameters too; LARS never decays them, so asking for both is an error."""
+    from common.config import UsageError
+    case, module = case_of(method), importlib.import_module(method)
+    cfg = module.Config(optimizer="sgd", decay_bias_and_norm=True, weight_decay=0.01, proj_hidden_dim=16, proj_dim=8)
+    opt = module.build_optimizer(cfg, getattr(module, case.model)(cfg))
+    assert {g["weight_decay"] for g in opt.param_groups} == {0.01}
+    cfg.optimizer = "lars"
+    with pytest.raises(UsageError, match="decay_bias_and_norm needs --optimizer sgd"):
+        module.build_optimizer(cfg, getattr(module, case.model)(cfg))
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_lr_schedule_endpoints(method):
     lr_at = importlib.import_module(method).lr_at
     total, warmup, peak, low = 1000, 100, 2.0, 0.01
@@ -248,12 +368,26 @@ def test_lr_schedule_endpoints(method):
     assert lr_at(5, 10, 0, peak) == pytest.approx(peak / 2)  # no warm-up: cosine midpoint
 
 
+SHARED = ["mlp", "LARS", "build_optimizer", "set_lr", "lr_at"]
+
+
+@pytest.mark.parametrize("method", METHODS[1:])
+def test_shared_parts_are_identical_to_simclr(method):
+    """What every script holds a copy of is the same code, so that `diff simclr.py METHOD.py` shows the
+    method; train() differs only in the method's lines (checked by reading, not here)."""
+    reference, module = importlib.import_module("simclr"), importlib.import_module(method)
+    for name in SHARED:
+        assert inspect.getsource(getattr(module, name)) == inspect.getsource(getattr(reference, name)), name
+    shared_config = {"epochs", "batch_size", "optimizer", "lars_eta", "precision", "resume", "knn_every"}
+    assert shared_config <= set(module.Config.__dataclass_fields__)
+    assert inspect.getsource(importlib.import_module("linear_eval").LARS) == inspect.getsource(reference.LARS)
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_zero_init_residual_reaches_the_backbone(method):
     """--zero_init_residual (set by the ImageNet configs whose official code uses it) reaches the trunk f."""
     module = importlib.import_module(method)
-    model_class = next(c for c in vars(module).values()  # the script's model: its one nn.Module class
-                       if isinstance(c, type) and issubclass(c, torch.nn.Module) and c.__module__ == method)
+    model_class = getattr(module, case_of(method).model)
     for flag in (False, True):
         model = model_class(module.Config(arch="resnet18", zero_init_residual=flag))
         gammas = [block.bn2.weight for layer in (model.backbone.layer1, model.backbone.layer4) for block in layer]
@@ -266,4 +400,4 @@ def test_configs_parse(method):
     module = importlib.import_module(method)
     for name in (f"{method}.yaml", f"{method}_imagenet.yaml"):
         cfg = load_config(module.Config, ["--config", str(REPO / "configs" / name)])
-        assert cfg.out_dir.startswith("runs/")
+        assert cfg.out_dir.startswith("runs/") and cfg.precision == "auto"

@@ -1,14 +1,13 @@
 """Real CIFAR-10 images (the JPEG copy in ../shared/data): the folder reader and knn_eval run on them."""
 import json
 import tarfile
-from pathlib import Path
 
 import pytest
 import torch
 
 from common.backbones import backbone_args, build_backbone
 from common.data import build_dataset, labels_of
-from conftest import REPO, run_script
+from helpers import REPO, run_script
 
 ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

@@ -4,16 +4,20 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn as nn
+import torchvision.datasets as tvd
 import torchvision.models as tvm
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from battery import run_ranks
+
 from common.augment import eval_transform, multi_crop, two_views
 from common.backbones import ARCHS, RESNETS, apply_cifar_stem, backbone_args, build_backbone
 from common.config import ConfigError, UsageError, load_config, usage
-from common.data import EpochSampler, SeededViews, Synthetic, build_dataset, labels_of, subset
+from common.data import EpochSampler, SeededViews, Synthetic, build_dataset, labels_of, pretrain_loader, subset
 from common.knn import knn_predict, topk_correct
-from common.runtime import changed_settings, load_checkpoint, rng_states, save_checkpoint, set_rng_states
+from common.runtime import (StepMetrics, changed_settings, check_schedule, load_checkpoint, resolve_precision,
+                            rng_states, save_checkpoint, save_training_state, set_rng_states)
 
 
 @dataclass
@@ -35,12 +39,23 @@ def test_config_precedence(tmp_path):
     assert load_config(Demo, []) == Demo()
 
 
+def test_config_key_equals_value_as_hydra_style_repositories_take_it(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 1e-4\n")
+    cfg = load_config(Demo, [f"config={path}", "epochs=7", "name=007", "flag=true", "--lr", "0.5"])
+    assert (cfg.lr, cfg.epochs, cfg.name, cfg.flag) == (0.5, 7, "007", True)
+    assert load_config(Demo, ["scale=[0.2, 1]"]).scale == (0.2, 1.0)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--lrr", "1"], "unknown config key 'lrr' on the command line (did you mean 'lr'?). Valid keys: lr, epochs"),
     (["--epochs", "1.5"], "'epochs' expects int, got 1.5"),
     (["--flag", "maybe"], "'flag' expects bool"),
     (["--lr"], "--lr needs a value"),
-    (["epochs", "3"], "expected --key value"),
+    (["epochs", "3"], "expected --key value or key=value, got 'epochs'"),
+    (["epochs=three"], "'epochs' expects int, got 'three'"),
+    (["epoch=3"], "unknown config key 'epoch' on the command line (did you mean 'epochs'?)"),
+    (["=3"], "expected --key value or key=value, got '=3'"),
     (["--config", "/nonexistent.yaml"], "cannot read config file /nonexistent.yaml"),
 ])
 def test_config_errors_name_the_problem(argv, message):
@@ -171,6 +186,19 @@ def test_missing_and_empty_data_are_clear_errors(tmp_path):
         build_dataset("imagenet1k", str(tmp_path), "pretrain")
 
 
+def test_download_without_a_network_is_one_line(tmp_path, monkeypatch):
+    from urllib.error import URLError
+
+    def no_network(self):
+        raise URLError("[Errno -3] Temporary failure in name resolution")
+    monkeypatch.setattr(tvd.CIFAR10, "download", no_network)
+    with pytest.raises(UsageError) as e:
+        build_dataset("cifar10", str(tmp_path), "pretrain", download=True)
+    message = str(e.value)
+    assert "\n" not in message and "could not download cifar10" in message and "Temporary failure" in message
+    assert "download it by hand" in message and "--dataset folder" in message
+
+
 def test_subset_is_fixed():
     data = Synthetic(100, 8)
     assert subset(data, 0) is data
@@ -189,6 +217,46 @@ def test_views_shapes_and_presets():
     assert eval_transform(224, "folder")(Synthetic(1, 300)[0][0]).shape == (3, 224, 224)
     with pytest.raises(UsageError, match="unknown augmentation preset"):
         two_views("strong", 32, "cifar10")
+
+
+def test_eval_transform_keeps_small_images_whole():
+    """STL-10 (96 px) and CIFAR (32 px) are evaluated on the whole image; only image folders above 64 px take
+    the 256/224 resize-then-crop of ImageNet."""
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (96, 96, 3), generator=g, dtype=torch.uint8)
+    image = Image.fromarray(pixels.numpy())
+    mean, std = torch.tensor([0.4467, 0.4398, 0.4066]), torch.tensor([0.2603, 0.2566, 0.2713])
+    whole = (pixels.permute(2, 0, 1) / 255 - mean[:, None, None]) / std[:, None, None]
+    torch.testing.assert_close(eval_transform(96, "stl10")(image), whole)
+    assert eval_transform(32, "cifar10")(Synthetic(1, 32)[0][0]).shape == (3, 32, 32)
+    cropped = eval_transform(96, "folder")(image)  # 96 -> 109 px, centre 96: the border is cut
+    assert cropped.shape == (3, 96, 96) and not torch.allclose(cropped, whole, atol=0.1)
+
+
+def test_pretrain_loader_global_batches_do_not_depend_on_ranks():
+    """Global batch b is the same images for 2 ranks x 16 and 1 rank x 32 (and in the same epochs), so a run
+    resumed on another number of ranks with the same global batch sees what the uninterrupted run saw."""
+    from types import SimpleNamespace
+    cfg = SimpleNamespace(dataset="synthetic", data_dir="", download=False, image_size=8, subset=70, seed=3,
+                          num_workers=0)
+    views = two_views("sym", 8, "synthetic")
+
+    def batches(batch_size, world_size, epoch):
+        per_rank = []
+        for rank in range(world_size):
+            loader = pretrain_loader(SimpleNamespace(**vars(cfg), batch_size=batch_size), views, rank, world_size,
+                                     torch.device("cpu"))
+            loader.sampler.set_epoch(epoch)
+            per_rank.append(list(loader.batch_sampler))
+        return [sorted(key for rank in step for key in rank) for step in zip(*per_rank)]
+
+    for epoch in (0, 5):
+        one, two = batches(32, 1, epoch), batches(16, 2, epoch)
+        assert len(one) == len(two) == 70 // 32 and one == two
+        assert all(e == epoch for step in one for e, _ in step)
+    assert batches(32, 1, 0) != batches(32, 1, 1)  # a new permutation every epoch
+    with pytest.raises(UsageError, match="make no full batch of 64 x 2 ranks"):
+        pretrain_loader(SimpleNamespace(**vars(cfg), batch_size=64), views, 0, 2, torch.device("cpu"))
 
 
 def test_blur_only_at_96_px_and_above():
@@ -230,11 +298,11 @@ def test_knn_predict_matches_a_direct_vote():
 
 def test_checkpoint_roundtrip_and_corruption(tmp_path):
     torch.manual_seed(5)
-    states = rng_states()
+    states = rng_states(torch.device("cpu"))
     expected = torch.rand(3)
     save_checkpoint({"rng": states, "w": torch.ones(2)}, tmp_path / "c.pt")
     loaded = load_checkpoint(tmp_path / "c.pt")  # weights_only=True: plain tensors and Python values
-    set_rng_states(loaded["rng"])
+    set_rng_states(loaded["rng"], torch.device("cpu"))
     assert torch.equal(torch.rand(3), expected)
     assert not (tmp_path / "c.pt.tmp").exists()
     (tmp_path / "bad.pt").write_bytes(b"garbage")
@@ -242,3 +310,87 @@ def test_checkpoint_roundtrip_and_corruption(tmp_path):
         load_checkpoint(tmp_path / "bad.pt")
     with pytest.raises(UsageError, match="does not exist"):
         load_checkpoint(tmp_path / "none.pt")
+
+
+def test_rng_restores_this_ranks_gpu_only(monkeypatch):
+    """One CUDA state, this rank's device's; checkpoints that hold one per visible GPU (8 here) still load on a
+    machine that sees fewer."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: calls.append((state, device)))
+    states = rng_states(torch.device("cpu"))
+    assert states["cuda"] is None
+    set_rng_states(states, torch.device("cuda", 1))
+    assert calls == []
+    old = dict(states, cuda=[torch.full((4,), float(i), dtype=torch.uint8) for i in range(8)])
+    set_rng_states(old, torch.device("cuda", 0))
+    set_rng_states(dict(states, cuda=torch.ones(4, dtype=torch.uint8)), torch.device("cuda", 0))
+    assert [int(state[0]) for state, _ in calls] == [0, 1] and all(d == torch.device("cuda", 0) for _, d in calls)
+
+
+def test_precision_auto_and_checks(monkeypatch):
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert resolve_precision("auto", cpu) == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: not including_emulation)
+    assert resolve_precision("auto", gpu) == "bf16"  # native bf16 (A100, H100)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert resolve_precision("auto", gpu) == "fp16"  # emulated only (V100, T4): fp16 with a GradScaler
+    assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", gpu) == "bf16"
+    with pytest.raises(UsageError, match="fp16 needs a GPU"):
+        resolve_precision("fp16", cpu)
+    with pytest.raises(UsageError, match="precision must be one of auto, bf16, fp16, fp32, got 'half'"):
+        resolve_precision("half", cpu)
+
+
+def test_step_metrics_average_and_stop_at_the_first_non_finite_loss(tmp_path):
+    metrics = StepMetrics(str(tmp_path))
+    for loss in (1.0, 2.0, 3.0):
+        metrics.add(loss=torch.tensor(loss), z_std=torch.tensor(loss / 10))
+    assert metrics.read(step=3) == {"train/loss": 2.0, "train/z_std": pytest.approx(0.2)}
+    metrics.add(loss=torch.tensor(5.0), z_std=torch.tensor(0.0))
+    assert metrics.read_epoch(step=4) == {"train/epoch_loss": 2.75, "train/epoch_z_std": pytest.approx(0.15)}
+    assert metrics.read(step=4) == {}
+    for loss in (1.0, float("nan"), float("inf")):
+        metrics.add(loss=torch.tensor(loss))
+    with pytest.raises(SystemExit, match=r"error: loss is nan at step 11; stopped without writing a checkpoint"):
+        metrics.read(step=13)  # steps 10, 11, 12 (numbered from 0)
+
+
+def test_schedule_check_allows_another_split_of_the_same_global_batch():
+    saved = {"world_size": 4, "global_batch": 256, "steps_per_epoch": 195, "total_steps": 1950, "peak_lr": 0.4}
+    check_schedule(saved, dict(saved, world_size=2), "last.pt")  # 2 x 128 continues 4 x 64
+    check_schedule(None, saved, "last.pt")  # a checkpoint older than the check
+    with pytest.raises(UsageError, match=r"global batch of 256 \(4 ranks x 64\); this run's is 512 \(8 x 64\).*"
+                                         r"--batch_size 32 on 8 ranks"):
+        check_schedule(saved, dict(saved, world_size=8, global_batch=512), "last.pt")
+    with pytest.raises(UsageError, match="195 steps per epoch; this run's data give 97"):
+        check_schedule(saved, dict(saved, steps_per_epoch=97), "last.pt")
+
+
+def test_non_finite_weights_are_never_written(tmp_path):
+    model = nn.Linear(3, 2)
+    model.backbone, model.backbone_args = nn.Identity(), {}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    path = tmp_path / "last.pt"
+    with torch.no_grad():
+        model.weight[0, 0] = float("inf")
+    with pytest.raises(SystemExit, match="the weights are not finite after step 7 .*keeps the last good state"):
+        save_training_state(str(path), Demo(), {}, 7, 2, model, optimizer, scaler, torch.device("cpu"), True)
+    assert not list(tmp_path.iterdir())
+
+
+def _sharded_knn(rank, world_size, bank, labels, queries, k):
+    shard = slice(rank, None, world_size)  # rank r holds bank items r, r + W, ... (as extract_features shards)
+    return knn_predict(bank[shard], labels[shard], queries, 4, k=k, temperature=0.1, chunk=3, sharded=True)
+
+
+@pytest.mark.parametrize("k", [5, 30])
+def test_knn_on_a_sharded_bank_equals_the_whole_bank(k):
+    """Each rank keeps 1/W of the bank; merging the ranks' k nearest gives the whole bank's vote. k 30 is more
+    than a shard's 21 or 20 items: the shards pad, and k is capped at the whole bank's 41."""
+    g = torch.Generator().manual_seed(1)
+    bank, labels = torch.randn(41, 6, generator=g), torch.randint(0, 4, (41,), generator=g)
+    queries = torch.randn(7, 6, generator=g)
+    whole = knn_predict(bank, labels, queries, 4, k=k, temperature=0.1)
+    for scores in run_ranks(_sharded_knn, 2, bank, labels, queries, k):
+        torch.testing.assert_close(scores, whole)

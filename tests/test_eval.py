@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from conftest import assert_clean_error, assert_ok, run_script, run_torchrun
+from helpers import assert_ok, assert_one_line_error, run_script, run_torchrun
 
 # small fixed subsets keep every run a few seconds; k=20 because with k >= the bank size (100) every class
 # votes and the weighted kNN is close to chance on a barely trained backbone
@@ -22,13 +22,6 @@ def checkpoint(tmp_path_factory):
                           "--subset", "64", "--num_workers", "0", "--proj_hidden_dim", "64", "--proj_dim", "32",
                           "--out_dir", out]))
     return out / "last.pt"
-
-
-def assert_one_line_error(proc, fragment):
-    """assert_clean_error, and the message is exactly one `error: ...` line that names the problem."""
-    assert_clean_error(proc, fragment)
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and fragment in errors[0], proc.stderr[-3000:]
 
 
 def read_json(path):

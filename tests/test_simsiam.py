@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import simsiam
-from conftest import run_script
-from test_battery import quick_args
+from helpers import run_script
+from battery import quick_args
 
 SMALL = dict(proj_hidden_dim=64, proj_dim=32, pred_hidden_dim=16)
 
@@ -45,17 +45,17 @@ def test_stop_gradient_through_a_shared_encoder():
 def test_predictor_lr_stays_fixed_while_the_rest_follows_the_cosine(optimizer):
     cfg = simsiam.Config(optimizer=optimizer, **SMALL)
     model = simsiam.SimSiam(cfg)
-    opt = simsiam.build_optimizer(cfg, model)
-    fixed = {id(p) for group in opt.param_groups if group["fix_lr"] for p in group["params"]}
+    opt = simsiam.build_optimizer(cfg, model, fixed_lr=model.predictor.parameters())
+    fixed = {id(p) for group in opt.param_groups if group["fixed_lr"] for p in group["params"]}
     assert fixed == {id(p) for p in model.predictor.parameters()}  # exactly the predictor's parameters
-    scheduled = {id(p) for group in opt.param_groups if not group["fix_lr"] for p in group["params"]}
+    scheduled = {id(p) for group in opt.param_groups if not group["fixed_lr"] for p in group["params"]}
     assert scheduled == {id(p) for p in [*model.backbone.parameters(), *model.projector.parameters()]}
     total, warmup, peak = 100, 10, 0.8
     for step in (0, 5, 10, 50, 99, 100):
         lr = simsiam.lr_at(step, total, warmup, peak)
-        simsiam.set_lr(opt, lr, fixed_lr=peak)
+        simsiam.set_lr(opt, lr, peak_lr=peak)
         for group in opt.param_groups:
-            assert group["lr"] == (peak if group["fix_lr"] else pytest.approx(lr))
+            assert group["lr"] == (peak if group["fixed_lr"] else pytest.approx(lr))
     assert simsiam.lr_at(99, total, warmup, peak) < 0.01 * peak  # the others did decay
 
 
@@ -77,22 +77,24 @@ def test_run_logs_z_std_warns_below_threshold_and_keeps_predictor_lr(tmp_path):
     """A run with the threshold above the healthy value (z_std can hardly exceed 1/sqrt(d)): the warning is
     on stderr; the checkpoint's predictor groups are at the peak lr, the others well down the cosine."""
     out = tmp_path / "run"
-    result = run_script(quick_args("simsiam", out, 1, "--collapse_warn", "2", "--warmup_epochs", "0"))
+    result = run_script(quick_args("simsiam", out, "--collapse_warn", "2", "--warmup_epochs", "0", "--log_every", "2",
+                                   epochs=1))
     assert result.returncode == 0, result.stderr[-3000:]
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
-    assert len(warnings) == 1 and "train/z_std" in warnings[0] and "collapsing" in warnings[0], result.stderr
+    assert len(warnings) == 1 and "train/epoch_z_std" in warnings[0] and "collapsing" in warnings[0], result.stderr
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    [epoch] = [line for line in lines if "train/z_std" in line]
+    assert [line["step"] for line in lines if "train/z_std" in line] == [2, 4]  # every log_every steps
+    [epoch] = [line for line in lines if "train/epoch_z_std" in line]
     assert epoch["train/z_std_healthy"] == pytest.approx(1 / math.sqrt(32))
-    assert 0.0 < epoch["train/z_std"] < 2 * epoch["train/z_std_healthy"]
+    assert 0.0 < epoch["train/epoch_z_std"] < 2 * epoch["train/z_std_healthy"]
     peak = lines[0]["peak_lr"]
     groups = torch.load(out / "last.pt", weights_only=True)["optimizer"]["param_groups"]
-    assert {g["fix_lr"] for g in groups} == {True, False}
+    assert {g["fixed_lr"] for g in groups} == {True, False}
     for group in groups:  # the last step (3 of 4) set the others to peak x (1 + cos(3 pi / 4)) / 2 = 0.15 peak
-        assert (group["lr"] == peak) if group["fix_lr"] else (group["lr"] < 0.2 * peak)
+        assert (group["lr"] == peak) if group["fixed_lr"] else (group["lr"] < 0.2 * peak)
 
 
 def test_no_warning_at_the_default_threshold(tmp_path):
-    result = run_script(quick_args("simsiam", tmp_path / "run", 1))
+    result = run_script(quick_args("simsiam", tmp_path / "run", epochs=1))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "warning:" not in result.stderr

@@ -1,0 +1,45 @@
+"""Shared test helpers: run the repo's scripts as a user would, and check their error messages."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _env():
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def run_script(args, timeout=300, **kw):
+    """`python <args>` in the repo root; returns the CompletedProcess with text stdout/stderr."""
+    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=_env(), capture_output=True,
+                          text=True, timeout=timeout, **kw)
+
+
+def run_torchrun(nproc, args, timeout=300):
+    """`torchrun --standalone --nproc_per_node=<nproc> <args>` on gloo (CPU)."""
+    return run_script(["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args],
+                      timeout=timeout)
+
+
+def assert_clean_error(result, fragment):
+    """A user error: non-zero exit, a one-line 'error: ...' naming the problem, and no traceback."""
+    assert result.returncode != 0, f"expected failure, got exit 0\n{result.stdout[-2000:]}"
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "error:" in result.stderr and fragment in result.stderr, result.stderr[-3000:]
+
+
+def assert_one_line_error(result, fragment):
+    """assert_clean_error, and the message is exactly one `error: ...` line that names the problem."""
+    assert_clean_error(result, fragment)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and fragment in errors[0], result.stderr[-3000:]
+
+
+def assert_ok(result):
+    """Exit 0; otherwise show the end of the output."""
+    assert result.returncode == 0, (f"exit {result.returncode}\nstdout:\n{result.stdout[-3000:]}\n"
+                                    f"stderr:\n{result.stderr[-3000:]}")
