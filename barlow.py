@@ -6,7 +6,9 @@ and z_B. Over the GLOBAL batch of N images (b indexes images on every rank), eac
 normalised to zero mean and unit variance, zhat = (z - mean_b z) / sqrt(var_b z + eps), and
 
     C_ij = (1/N) sum_b zhat_A[b, i] zhat_B[b, j],
-    L = scale * ( sum_i (1 - C_ii)^2 + lambda * sum_i sum_{j != i} C_ij^2 ).
+    L = sum_i (1 - C_ii)^2 + lambda * sum_i sum_{j != i} C_ij^2,
+
+times loss_scale in train() (0.1 in the CIFAR recipe, as solo-learn's; 1 in the paper).
 
 The first term makes the two views agree dimension by dimension; the second decorrelates the dimensions.
 There is no stop-gradient, no predictor and no target network: the twins share all their weights. The
@@ -19,7 +21,7 @@ The paper's Algorithm 1 in this file:
                                                   and eps 1e-5 as BatchNorm1d(affine=False) in the paper's code
                                                   (the pseudo-code's .std(0) is unbiased; the code is not)
     c = mm(z_a_norm.T, z_b_norm) / N              sum_over_ranks(z1.T @ z2, ...) / N in barlow_loss
-    c_diff = (c - eye(D)).pow(2); off-diagonal    on_diag + lambd * off_diag, times `scale`
+    c_diff = (c - eye(D)).pow(2); off-diagonal    on_diag + lambd * off_diag
         elements * lambda; loss = c_diff.sum()
 After training, g is dropped and f(x) is the representation that knn_eval.py and linear_eval.py measure.
 
@@ -44,8 +46,8 @@ from common.backbones import backbone_args, build_backbone
 from common.config import UsageError, parse_config, usage_errors
 from common.data import pretrain_loader
 from common.knn import KnnMonitor
-from common.runtime import (MetricLog, StepMetrics, autocast, close_distributed, init_distributed,
-                            prepare_run_folder, resolve_precision, resume_training, save_training_state)
+from common.runtime import (MetricLog, StepMetrics, autocast, check_run, close_distributed, init_distributed,
+                            resolve_precision, resume_training, save_training_state, write_run_config)
 
 
 @dataclass
@@ -65,7 +67,7 @@ class Config:
     patch_size: int = 16  # ViT patch size
     zero_init_residual: bool = False  # ResNets: start each residual block as the identity (last BN gamma = 0)
     proj_layers: int = 3  # Linear layers of the projector g: (proj_layers - 1) x Linear-BN-ReLU, then Linear
-    proj_hidden_dim: int = 2048  # width of g's hidden layers
+    proj_hidden_dim: int = 2048  # width of the projector's hidden layers
     proj_dim: int = 2048  # width of z (D, the side of the cross-correlation matrix)
     lambd: float = 0.0051  # lambda: weight of the off-diagonal (redundancy reduction) term
     loss_scale: float = 0.1  # the loss is multiplied by this (solo-learn's scale_loss; 1.0 in the paper)
@@ -173,7 +175,7 @@ def batch_normalize(z, N, eps=1e-5):
     return (z - mean) / torch.sqrt(var + eps)  # n x d
 
 
-def barlow_loss(z1, z2, lambd, scale):
+def barlow_loss(z1, z2, lambd):
     """Barlow Twins' loss over the global batch. z1, z2: n x d projections of this rank's two views.
 
     Normalisation (batch_normalize: biased variance, eps 1e-5 inside the sqrt, as BatchNorm in training) and
@@ -187,7 +189,7 @@ def barlow_loss(z1, z2, lambd, scale):
     eye = torch.eye(d, dtype=torch.bool, device=c.device)
     on_diag = (1 - c[eye]).pow(2).sum()  # invariance
     off_diag = c[~eye].pow(2).sum()  # redundancy reduction
-    return scale * (on_diag + lambd * off_diag)
+    return on_diag + lambd * off_diag
 
 
 # ---- optimizer and schedules ----
@@ -267,6 +269,7 @@ def lr_at(step, total_steps, warmup_steps, peak_lr, min_lr=0.0):
 def train(cfg):
     rank, world_size, device = init_distributed()
     is_main = rank == 0
+    ckpt_path = check_run(cfg)  # settings and run folder, before anything is loaded or written
     precision = resolve_precision(cfg.precision, device)  # "bf16" | "fp16" | "fp32"
     torch.manual_seed(cfg.seed)
 
@@ -291,11 +294,11 @@ def train(cfg):
     optimizer = build_optimizer(cfg, model)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
-    # ---- run folder and resume ----
-    ckpt_path = prepare_run_folder(cfg, is_main, precision=precision, **schedule)
+    # ---- resume and run folder ----
     step, start_epoch = 0, 0
     if cfg.resume:
         step, start_epoch = resume_training(ckpt_path, cfg, schedule, model, optimizer, scaler, device, is_main)
+    write_run_config(cfg, is_main, precision=precision, **schedule)
     ddp_model = DDP(model) if world_size > 1 else model
     if cfg.compile:
         ddp_model = torch.compile(ddp_model)
@@ -314,14 +317,14 @@ def train(cfg):
             x2 = x2.to(device, non_blocking=True, memory_format=memory_format)
             with autocast(device, precision):
                 z1, z2 = ddp_model(x1, x2)
-            loss = barlow_loss(z1, z2, cfg.lambd, cfg.loss_scale)
+            loss = cfg.loss_scale * barlow_loss(z1, z2, cfg.lambd)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            metrics.add(loss=loss)  # stays on the device: no host sync in the hot loop
+            metrics.add(loss=loss)  # stays on the device: no host sync
             step += 1
-            if step % cfg.log_every == 0:  # the loop's only sync: read, average over ranks, check finite
+            if step % cfg.log_every == 0:  # the one host sync (besides fp16's GradScaler): read, average, check
                 stats = {**metrics.read(step), "train/lr": lr}
                 log.write(step=step, epoch=epoch + 1, **stats)
                 bar.set_postfix(loss=f"{stats['train/loss']:.4f}", lr=f"{lr:.3g}")

@@ -25,6 +25,7 @@ After training, the online encoder f_theta is the representation ("backbone" in 
 Run (batch_size is per rank; lr is per 256 images and scaled by the global batch):
     python byol.py --config configs/byol.yaml --data_dir data --download true
     torchrun --nproc_per_node=4 byol.py --config configs/byol.yaml
+    torchrun --nproc_per_node=8 byol.py --config configs/byol_imagenet.yaml --data_dir /path/to/imagenet
     python knn_eval.py --checkpoint runs/byol/last.pt --dataset cifar10 --data_dir data
 """
 import copy
@@ -43,8 +44,8 @@ from common.backbones import backbone_args, build_backbone
 from common.config import UsageError, parse_config, usage_errors
 from common.data import pretrain_loader
 from common.knn import KnnMonitor
-from common.runtime import (MetricLog, StepMetrics, autocast, close_distributed, init_distributed,
-                            prepare_run_folder, resolve_precision, resume_training, save_training_state)
+from common.runtime import (MetricLog, StepMetrics, autocast, check_run, close_distributed, init_distributed,
+                            resolve_precision, resume_training, save_training_state, write_run_config)
 
 
 @dataclass
@@ -63,9 +64,11 @@ class Config:
     cifar_stem: str = "auto"  # 3x3 stride-1 first conv, no max-pool: auto (on at <= 64 px) | true | false
     patch_size: int = 16  # ViT patch size
     zero_init_residual: bool = False  # ResNets: start each residual block as the identity (last BN gamma = 0)
-    proj_hidden_dim: int = 4096  # projector g: Linear-BN-ReLU-Linear
+    proj_layers: int = 2  # Linear layers of the projector g: (proj_layers - 1) x Linear-BN-ReLU, then Linear
+    proj_hidden_dim: int = 4096  # width of the projector's hidden layers
     proj_dim: int = 256  # width of z (and of the predictor's output)
-    pred_hidden_dim: int = 4096  # predictor q: Linear-BN-ReLU-Linear
+    pred_hidden_dim: int = 4096  # width of the predictor q's hidden layer: Linear-BN-ReLU-Linear
+    head_last_bias: bool = True  # a bias in the output Linear of g and q (the official code has none)
     base_tau: float = 0.99  # EMA rate tau of the target at step 0; a cosine up to 1 at the last step
     # optimisation
     epochs: int = 1000  # training length
@@ -124,12 +127,14 @@ class BYOL(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.backbone_args = backbone_args(cfg.arch, cfg.image_size, cfg.cifar_stem, cfg.patch_size)
-        # f_theta: the online backbone
+        # f_theta, g_theta and q_theta: the online network
         self.backbone, width = build_backbone(**self.backbone_args, zero_init_residual=cfg.zero_init_residual)
-        self.projector = mlp(width, cfg.proj_hidden_dim, cfg.proj_dim)  # g_theta
-        self.predictor = mlp(cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim)  # q_theta
-        self.target_backbone = copy.deepcopy(self.backbone).requires_grad_(False)  # f_xi
-        self.target_projector = copy.deepcopy(self.projector).requires_grad_(False)  # g_xi
+        self.projector = mlp(width, cfg.proj_hidden_dim, cfg.proj_dim, layers=cfg.proj_layers,
+                             last_bias=cfg.head_last_bias)
+        self.predictor = mlp(cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim, last_bias=cfg.head_last_bias)
+        # f_xi and g_xi: the target network
+        self.target_backbone = copy.deepcopy(self.backbone).requires_grad_(False)
+        self.target_projector = copy.deepcopy(self.projector).requires_grad_(False)
 
     def forward(self, x1, x2):
         # one pass per view, as in the official code: BN statistics are those of one view's n images
@@ -153,8 +158,9 @@ def ema_update(target, online, tau):
 
 
 # ---- loss and cross-rank operations ----
-# No cross-rank operation: the loss is a mean over this rank's images, so the mean over ranks (what DDP's
-# gradient averaging optimises, with equal batches on every rank) is the mean over the global batch.
+# No cross-rank operation: each image's term involves only its own outputs, so the mean over ranks of the
+# per-rank means (what DDP's gradient averaging optimises, with equal batches on every rank) is the mean over
+# the global batch.
 def byol_loss(p1, p2, target_z1, target_z2):
     """L + L~ of the paper. p1, p2: n x d online predictions of views 1 and 2; target_z1, target_z2: n x d
     target projections of views 1 and 2 (computed without gradient in BYOL.forward, the paper's sg).
@@ -246,6 +252,7 @@ def tau_at(step, total_steps, base_tau):
 def train(cfg):
     rank, world_size, device = init_distributed()
     is_main = rank == 0
+    ckpt_path = check_run(cfg)  # settings and run folder, before anything is loaded or written
     precision = resolve_precision(cfg.precision, device)  # "bf16" | "fp16" | "fp32"
     torch.manual_seed(cfg.seed)
 
@@ -270,11 +277,11 @@ def train(cfg):
     optimizer = build_optimizer(cfg, model)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
-    # ---- run folder and resume ----
-    ckpt_path = prepare_run_folder(cfg, is_main, precision=precision, **schedule)
+    # ---- resume and run folder ----
     step, start_epoch = 0, 0
     if cfg.resume:
         step, start_epoch = resume_training(ckpt_path, cfg, schedule, model, optimizer, scaler, device, is_main)
+    write_run_config(cfg, is_main, precision=precision, **schedule)
     ddp_model = DDP(model) if world_size > 1 else model
     if cfg.compile:
         ddp_model = torch.compile(ddp_model)
@@ -300,9 +307,9 @@ def train(cfg):
             scaler.step(optimizer)
             scaler.update()
             model.update_target(tau)  # after the step: xi <- tau * xi + (1 - tau) * theta
-            metrics.add(loss=loss)  # stays on the device: no host sync in the hot loop
+            metrics.add(loss=loss)  # stays on the device: no host sync
             step += 1
-            if step % cfg.log_every == 0:  # the loop's only sync: read, average over ranks, check finite
+            if step % cfg.log_every == 0:  # the one host sync (besides fp16's GradScaler): read, average, check
                 stats = {**metrics.read(step), "train/lr": lr, "schedule/tau": tau}
                 log.write(step=step, epoch=epoch + 1, **stats)
                 bar.set_postfix(loss=f"{stats['train/loss']:.4f}", lr=f"{lr:.3g}")

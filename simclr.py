@@ -21,6 +21,7 @@ The paper's Algorithm 1 in this file:
 Run (batch_size is per rank; lr is per 256 images and scaled by the global batch):
     python simclr.py --config configs/simclr.yaml --data_dir data --download true
     torchrun --nproc_per_node=4 simclr.py --config configs/simclr.yaml
+    torchrun --nproc_per_node=8 simclr.py --config configs/simclr_imagenet.yaml --data_dir /path/to/imagenet
     python knn_eval.py --checkpoint runs/simclr/last.pt --dataset cifar10 --data_dir data
 """
 import math
@@ -39,8 +40,8 @@ from common.backbones import backbone_args, build_backbone
 from common.config import UsageError, parse_config, usage_errors
 from common.data import pretrain_loader
 from common.knn import KnnMonitor
-from common.runtime import (MetricLog, StepMetrics, autocast, close_distributed, init_distributed,
-                            prepare_run_folder, resolve_precision, resume_training, save_training_state)
+from common.runtime import (MetricLog, StepMetrics, autocast, check_run, close_distributed, init_distributed,
+                            resolve_precision, resume_training, save_training_state, write_run_config)
 
 
 @dataclass
@@ -59,7 +60,8 @@ class Config:
     cifar_stem: str = "auto"  # 3x3 stride-1 first conv, no max-pool: auto (on at <= 64 px) | true | false
     patch_size: int = 16  # ViT patch size
     zero_init_residual: bool = False  # ResNets: start each residual block as the identity (last BN gamma = 0)
-    proj_hidden_dim: int = 2048  # projector g: Linear-BN-ReLU-Linear
+    proj_layers: int = 2  # Linear layers of the projector g: (proj_layers - 1) x Linear-BN-ReLU, then Linear
+    proj_hidden_dim: int = 2048  # width of the projector's hidden layers
     proj_dim: int = 256  # width of z
     proj_bias: bool = True  # biases in g's Linear layers (the official code has none: a BN follows each)
     proj_last_bn: bool = False  # a BN on g's output that scales but does not shift, as in the official code
@@ -114,9 +116,9 @@ class SimCLR(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.backbone_args = backbone_args(cfg.arch, cfg.image_size, cfg.cifar_stem, cfg.patch_size)
-        # f: the backbone
+        # f and g: the backbone and the projector
         self.backbone, width = build_backbone(**self.backbone_args, zero_init_residual=cfg.zero_init_residual)
-        self.projector = mlp(width, cfg.proj_hidden_dim, cfg.proj_dim, bias=cfg.proj_bias,  # g
+        self.projector = mlp(width, cfg.proj_hidden_dim, cfg.proj_dim, layers=cfg.proj_layers, bias=cfg.proj_bias,
                              last_bn="affine" if cfg.proj_last_bn else None)
         if cfg.proj_last_bn:  # TF's center=False: the official output BN has a scale but no offset
             self.projector[-1].bias.requires_grad_(False)
@@ -247,6 +249,7 @@ def lr_at(step, total_steps, warmup_steps, peak_lr, min_lr=0.0):
 def train(cfg):
     rank, world_size, device = init_distributed()
     is_main = rank == 0
+    ckpt_path = check_run(cfg)  # settings and run folder, before anything is loaded or written
     precision = resolve_precision(cfg.precision, device)  # "bf16" | "fp16" | "fp32"
     torch.manual_seed(cfg.seed)
 
@@ -271,11 +274,11 @@ def train(cfg):
     optimizer = build_optimizer(cfg, model)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
-    # ---- run folder and resume ----
-    ckpt_path = prepare_run_folder(cfg, is_main, precision=precision, **schedule)
+    # ---- resume and run folder ----
     step, start_epoch = 0, 0
     if cfg.resume:
         step, start_epoch = resume_training(ckpt_path, cfg, schedule, model, optimizer, scaler, device, is_main)
+    write_run_config(cfg, is_main, precision=precision, **schedule)
     ddp_model = DDP(model) if world_size > 1 else model
     if cfg.compile:
         ddp_model = torch.compile(ddp_model)
@@ -299,9 +302,9 @@ def train(cfg):
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            metrics.add(loss=loss)  # stays on the device: no host sync in the hot loop
+            metrics.add(loss=loss)  # stays on the device: no host sync
             step += 1
-            if step % cfg.log_every == 0:  # the loop's only sync: read, average over ranks, check finite
+            if step % cfg.log_every == 0:  # the one host sync (besides fp16's GradScaler): read, average, check
                 stats = {**metrics.read(step), "train/lr": lr}
                 log.write(step=step, epoch=epoch + 1, **stats)
                 bar.set_postfix(loss=f"{stats['train/loss']:.4f}", lr=f"{lr:.3g}")

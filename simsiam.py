@@ -20,6 +20,7 @@ The paper's Algorithm 1 in this file:
 Run (batch_size is per rank; lr is per 256 images and scaled by the global batch):
     python simsiam.py --config configs/simsiam.yaml --data_dir data --download true
     torchrun --nproc_per_node=4 simsiam.py --config configs/simsiam.yaml
+    torchrun --nproc_per_node=8 simsiam.py --config configs/simsiam_imagenet.yaml --data_dir /path/to/imagenet
     python knn_eval.py --checkpoint runs/simsiam/last.pt --dataset cifar10 --data_dir data
 """
 import math
@@ -38,8 +39,8 @@ from common.backbones import backbone_args, build_backbone
 from common.config import UsageError, parse_config, usage_errors
 from common.data import pretrain_loader
 from common.knn import KnnMonitor
-from common.runtime import (MetricLog, StepMetrics, autocast, close_distributed, init_distributed,
-                            prepare_run_folder, resolve_precision, resume_training, save_training_state)
+from common.runtime import (MetricLog, StepMetrics, autocast, check_run, close_distributed, init_distributed,
+                            resolve_precision, resume_training, save_training_state, write_run_config)
 
 
 @dataclass
@@ -58,7 +59,7 @@ class Config:
     cifar_stem: str = "auto"  # 3x3 stride-1 first conv, no max-pool: auto (on at <= 64 px) | true | false
     patch_size: int = 16  # ViT patch size
     zero_init_residual: bool = False  # ResNets: start each residual block as the identity (last BN gamma = 0)
-    proj_layers: int = 3  # projector (part of f): Linear layers, BN after each, ReLU after all but the last
+    proj_layers: int = 3  # Linear layers of the projector (in f): (proj_layers - 1) x Linear-BN-ReLU, then Linear-BN
     proj_hidden_dim: int = 2048  # width of the projector's hidden layers
     proj_dim: int = 2048  # width of z and p
     pred_hidden_dim: int = 512  # predictor h's bottleneck: proj_dim -> pred_hidden_dim -> proj_dim
@@ -129,7 +130,7 @@ class SimSiam(nn.Module):
 
 
 # ---- loss and cross-rank operations ----
-# No cross-rank operation: each image's term involves only its own p and z, so the mean over ranks of the
+# No cross-rank operation: each image's term involves only its own outputs, so the mean over ranks of the
 # per-rank means (what DDP's gradient averaging optimises, with equal batches on every rank) is the mean over
 # the global batch.
 def simsiam_loss(p1, p2, z1, z2):
@@ -225,6 +226,7 @@ def lr_at(step, total_steps, warmup_steps, peak_lr, min_lr=0.0):
 def train(cfg):
     rank, world_size, device = init_distributed()
     is_main = rank == 0
+    ckpt_path = check_run(cfg)  # settings and run folder, before anything is loaded or written
     precision = resolve_precision(cfg.precision, device)  # "bf16" | "fp16" | "fp32"
     torch.manual_seed(cfg.seed)
 
@@ -237,7 +239,6 @@ def train(cfg):
     total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
     peak_lr = cfg.lr * global_batch / 256
-    healthy_z_std = 1 / math.sqrt(cfg.proj_dim)  # collapse_std of outputs spread over the sphere
     schedule = dict(world_size=world_size, global_batch=global_batch, steps_per_epoch=steps_per_epoch,
                     total_steps=total_steps, peak_lr=peak_lr)
 
@@ -250,15 +251,16 @@ def train(cfg):
     optimizer = build_optimizer(cfg, model, fixed_lr=model.predictor.parameters())  # fix lr of h
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
-    # ---- run folder and resume ----
-    ckpt_path = prepare_run_folder(cfg, is_main, precision=precision, **schedule)
+    # ---- resume and run folder ----
     step, start_epoch = 0, 0
     if cfg.resume:
         step, start_epoch = resume_training(ckpt_path, cfg, schedule, model, optimizer, scaler, device, is_main)
+    write_run_config(cfg, is_main, precision=precision, **schedule)
     ddp_model = DDP(model) if world_size > 1 else model
     if cfg.compile:
         ddp_model = torch.compile(ddp_model)
     log, metrics = MetricLog(cfg.out_dir, is_main), StepMetrics(cfg.out_dir)
+    healthy_z_std = 1 / math.sqrt(cfg.proj_dim)  # collapse_std of outputs spread over the sphere
 
     # ---- loop ----
     for epoch in range(start_epoch, cfg.epochs):
@@ -278,9 +280,10 @@ def train(cfg):
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            metrics.add(loss=loss, z_std=(collapse_std(z1) + collapse_std(z2)) / 2)  # on the device: no host sync
+            z_std = (collapse_std(z1) + collapse_std(z2)) / 2
+            metrics.add(loss=loss, z_std=z_std)  # stays on the device: no host sync
             step += 1
-            if step % cfg.log_every == 0:  # the loop's only sync: read, average over ranks, check finite
+            if step % cfg.log_every == 0:  # the one host sync (besides fp16's GradScaler): read, average, check
                 stats = {**metrics.read(step), "train/lr": lr}
                 log.write(step=step, epoch=epoch + 1, **stats)
                 bar.set_postfix(loss=f"{stats['train/loss']:.4f}", lr=f"{lr:.3g}")

@@ -90,8 +90,8 @@ def load_config(cls, argv):
         key = key.replace("-", "_")
         if not eq:
             nxt = argv[i + 1] if i + 1 < len(argv) else None
-            if types.get(key) is bool and (nxt is None or nxt.startswith("--")):
-                value = "true"  # a bare --flag switches a boolean on
+            if types.get(key) is bool and (nxt is None or nxt.startswith("--") or "=" in nxt):
+                value = "true"  # a bare --flag switches a boolean on (a boolean's value never holds "=")
             elif nxt is None:
                 raise ConfigError(f"--{key} needs a value")
             else:

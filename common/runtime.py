@@ -69,22 +69,33 @@ def git_commit():
         return "unknown"
 
 
-def prepare_run_folder(cfg, is_main, **derived):
-    """Create cfg.out_dir and write the resolved config (cfg, derived values, git commit) to config.json and
-    to metrics.jsonl; refuse to train over an existing run unless resuming. Returns last.pt's path."""
+def check_run(cfg):
+    """Check a pre-training's run settings and its folder before anything is loaded or written: never train
+    over an existing run unless resuming, never resume what is not there. Returns last.pt's path."""
+    for key in ("epochs", "batch_size", "log_every", "snapshot_every"):
+        if getattr(cfg, key) < 1:
+            raise UsageError(f"{key} must be at least 1, got {getattr(cfg, key)}")
+    if cfg.knn_every < 0 or cfg.warmup_epochs < 0:
+        raise UsageError("knn_every and warmup_epochs must not be negative")
     last = os.path.join(cfg.out_dir, "last.pt")
     if cfg.resume and not os.path.exists(last):
         raise UsageError(f"--resume: no checkpoint {last}; start a new run without --resume")
     if not cfg.resume and os.path.exists(last):
         raise UsageError(f"{cfg.out_dir} already holds a run ({last}); pass --resume to continue it, "
                          "or choose another --out_dir")
+    return last
+
+
+def write_run_config(cfg, is_main, **derived):
+    """Create cfg.out_dir and write the resolved config (cfg, derived values, git commit) to config.json and as
+    a line of metrics.jsonl (one per start, so a resumed run keeps the history of its settings). Called once
+    the run has started (and a resume has succeeded), so a refused start leaves config.json as it was."""
     if is_main:
         os.makedirs(cfg.out_dir, exist_ok=True)
         resolved = {**dataclasses.asdict(cfg), **derived, "git_commit": git_commit()}
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
             json.dump(resolved, f, indent=2)
         MetricLog(cfg.out_dir, is_main).write(event="config", **resolved)
-    return last
 
 
 def changed_settings(saved, cfg):
@@ -95,10 +106,14 @@ def changed_settings(saved, cfg):
 
 
 def check_schedule(saved, schedule, path):
-    """A run continues exactly where its schedule does: steps per epoch, total steps, the peak lr and every
-    per-step schedule are functions of the global batch and the data, not of how the batch is split over
-    ranks. Another split of the same global batch is the same run; another global batch is an error."""
-    if not saved:  # a checkpoint older than this check
+    """A run continues exactly where its schedule does: steps per epoch, and with them total steps, the peak lr
+    and every per-step schedule, are functions of the global batch and the data, not of how the batch is split
+    over ranks. Another split of the same global batch is the same run; another global batch or another number
+    of steps per epoch is an error. (A changed --epochs or --lr is the user's choice: it takes effect and is
+    reported among the changed settings.)"""
+    if not saved:
+        print(f"warning: {path} predates the schedule check (it holds no 'schedule'); resume it with the global "
+              "batch it was trained with", flush=True)
         return
     if saved["global_batch"] != schedule["global_batch"]:
         g, world = saved["global_batch"], schedule["world_size"]
@@ -115,13 +130,18 @@ def check_schedule(saved, schedule, path):
 
 def resume_training(path, cfg, schedule, model, optimizer, scaler, device, is_main):
     """Continue the run in cfg.out_dir: load last.pt into the model (with its buffers: EMA targets, queues,
-    centres), the optimizer and the scaler (strict), check that the schedule continues (check_schedule) and
-    restore this rank's random generators. Returns (step, epoch) to continue from."""
+    centres), the optimizer's state and the scaler (strict), check that the schedule continues (check_schedule)
+    and restore the random generators (the main rank's saved states, on every rank). The optimizer keeps this
+    run's settings (weight decay, momentum, ...), so a changed setting takes effect. Returns (step, epoch)."""
     ckpt = load_checkpoint(path)
     check_schedule(ckpt.get("schedule"), schedule, path)
     load_state(model, ckpt["model"], path)
     load_state(optimizer, ckpt["optimizer"], path)
-    load_state(scaler, ckpt["scaler"], path)
+    if ckpt["scaler"] or not scaler.is_enabled():
+        load_state(scaler, ckpt["scaler"], path)
+    elif is_main:  # precision auto: bf16 where the run started, fp16 on this GPU
+        print("the checkpoint has no GradScaler state (it computed in bf16 or fp32): fp16 starts a fresh one",
+              flush=True)
     set_rng_states(ckpt["rng"], device)
     changed = changed_settings(ckpt["config"], cfg)  # e.g. a longer --epochs reshapes the schedule
     if is_main and changed:
@@ -167,22 +187,24 @@ class MetricLog:
 
 class StepMetrics:
     """Per-step scalars of the training loop (the loss, a collapse monitor), kept on the device: the loop never
-    reads a value back, which on a GPU would stall its launch queue every step. read() -- every log_every
-    steps and at the end of an epoch, on every rank -- averages them over the steps since the last read and
-    over ranks with one all_reduce, and stops the run, naming the step, if a loss was not finite. Between two
-    reads no checkpoint is written, so a non-finite loss never reaches one."""
+    reads a value back, which on a GPU would stall its launch queue every step (fp16's GradScaler still checks
+    its gradients for inf on the host every step; bf16 and fp32 never wait). read() -- every log_every steps
+    and at the end of an epoch, on every rank -- averages them over the steps since the last read and over
+    ranks with one all_reduce, and stops the run, naming the step, if a loss was not finite. Between two reads
+    no checkpoint is written, so a non-finite loss never reaches one."""
 
     def __init__(self, out_dir):
         self.out_dir = out_dir
         self.window = {}  # name -> 0-d tensors, one per step since the last read
-        self.epoch = {}  # name -> [sum, count] over the steps read this epoch
+        self.epoch_totals = {}  # name -> [sum, count] over the steps read this epoch
 
     def add(self, **values):
         for name, value in values.items():
             self.window.setdefault(name, []).append(value.detach().float())
 
     def read(self, step):
-        """{'train/<name>': mean} over the steps since the last read, `step` being the number of steps done."""
+        """{'train/<name>': mean} over the steps since the last read; `step` is the number of steps done, as in
+        metrics.jsonl, so the window holds steps step - len + 1, ..., step."""
         if not self.window:
             return {}
         names = list(self.window)
@@ -191,15 +213,16 @@ class StepMetrics:
             dist.all_reduce(table)
             table /= dist.get_world_size()
         table = table.cpu()
-        losses = table[names.index("loss")] if "loss" in names else table[:0].flatten()
-        bad = (~losses.isfinite()).nonzero().flatten()
-        if len(bad):
-            first = step - len(losses) + int(bad[0])  # steps are numbered from 0
-            raise SystemExit(f"error: loss is {float(losses[bad[0]])} at step {first}; stopped without writing a "
-                             f"checkpoint, so {os.path.join(self.out_dir, 'last.pt')} keeps the last good state. "
-                             "Lower --lr, lengthen --warmup_epochs or try --precision fp32, then --resume.")
+        if "loss" in names:
+            losses = table[names.index("loss")]
+            bad = (~losses.isfinite()).nonzero().flatten().tolist()
+            if bad:
+                raise SystemExit(f"error: loss is {float(losses[bad[0]])} at step {step - len(losses) + 1 + bad[0]}; "
+                                 f"stopped without writing a checkpoint, so {os.path.join(self.out_dir, 'last.pt')} "
+                                 "keeps the last good state. Lower --lr, lengthen --warmup_epochs or try --precision "
+                                 "fp32, then --resume.")
         for name, row in zip(names, table):
-            total = self.epoch.setdefault(name, [0.0, 0])
+            total = self.epoch_totals.setdefault(name, [0.0, 0])
             total[0] += float(row.sum())
             total[1] += len(row)
         return {f"train/{name}": float(row.mean()) for name, row in zip(names, table)}
@@ -207,8 +230,8 @@ class StepMetrics:
     def read_epoch(self, step):
         """Read what is left of the epoch, then {'train/epoch_<name>': mean over the epoch's steps}."""
         self.read(step)
-        means = {f"train/epoch_{name}": total / count for name, (total, count) in self.epoch.items()}
-        self.epoch = {}
+        means = {f"train/epoch_{name}": total / count for name, (total, count) in self.epoch_totals.items()}
+        self.epoch_totals = {}
         return means
 
 
@@ -254,12 +277,17 @@ def load_checkpoint(path):
 
 def load_state(target, state, path):
     """target.load_state_dict(state) (strict) for a model, optimizer or scaler being resumed; a checkpoint
-    that does not fit (another arch, head width or optimizer) is a UsageError naming the file."""
+    that does not fit (another arch, head width or optimizer) is a UsageError naming the file. An optimizer
+    takes its state (momentum buffers) from the checkpoint but keeps its own group settings (weight decay,
+    lr_ratio, ...), which torch's load_state_dict would otherwise replace with the saved ones."""
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in getattr(target, "param_groups", [])]
     try:
         target.load_state_dict(state)
     except (RuntimeError, ValueError, KeyError) as e:
         raise UsageError(f"{path} does not fit this run's {type(target).__name__} ({str(e).splitlines()[0]}); "
                          "resume with the settings it was trained with (its config.json)") from None
+    for group, own in zip(getattr(target, "param_groups", []), settings):
+        group.update(own)
 
 
 def write_json(obj, path):

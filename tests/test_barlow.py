@@ -26,12 +26,12 @@ def correlation(z1, z2):
 def test_zero_for_identical_decorrelated_views_and_exact_for_a_permutation():
     # columns 1..4 of a Hadamard matrix: zero mean, unit (biased) variance, uncorrelated
     z = hadamard(8)[:, 1:5]
-    same = barlow.barlow_loss(z, 3 * z + 2, lambd=1.0, scale=1.0)  # zhat_A = zhat_B up to eps
+    same = barlow.barlow_loss(z, 3 * z + 2, lambd=1.0)  # zhat_A = zhat_B up to eps
     assert same.item() == pytest.approx(0.0, abs=1e-8)
     # view B's dimensions in another order (a derangement): C is a permutation matrix, so every diagonal
     # term is (1 - 0)^2 and D off-diagonal entries are 1
-    swapped = barlow.barlow_loss(z, z[:, [1, 2, 3, 0]], lambd=0.3, scale=0.5)
-    assert swapped.item() == pytest.approx(0.5 * (4 + 0.3 * 4), rel=1e-4)
+    swapped = barlow.barlow_loss(z, z[:, [1, 2, 3, 0]], lambd=0.3)
+    assert swapped.item() == pytest.approx(4 + 0.3 * 4, rel=1e-4)
 
 
 def test_invariant_to_per_dimension_scale_and_shift():
@@ -39,8 +39,8 @@ def test_invariant_to_per_dimension_scale_and_shift():
     z1, z2 = torch.randn(32, 5, generator=g), torch.randn(32, 5, generator=g) + 0.5 * torch.randn(32, 5, generator=g)
     a1, a2 = torch.rand(5, generator=g) * 3 + 0.5, torch.rand(5, generator=g) * 3 + 0.5  # positive scales
     b1, b2 = torch.randn(5, generator=g) * 10, torch.randn(5, generator=g) * 10
-    loss = barlow.barlow_loss(z1, z2, lambd=0.5, scale=1.0)
-    moved = barlow.barlow_loss(a1 * z1 + b1, a2 * z2 + b2, lambd=0.5, scale=1.0)
+    loss = barlow.barlow_loss(z1, z2, lambd=0.5)
+    moved = barlow.barlow_loss(a1 * z1 + b1, a2 * z2 + b2, lambd=0.5)
     assert moved.item() == pytest.approx(loss.item(), rel=1e-4)
 
 
@@ -58,9 +58,9 @@ def test_lambda_weights_exactly_the_off_diagonal_part():
     on_diag = ((1 - c.diagonal()) ** 2).sum()
     off_diag = (c ** 2).sum() - (c.diagonal() ** 2).sum()
     assert off_diag > 0.1 and on_diag > 0.1  # both terms matter for these inputs
-    for lambd, scale in [(0.0, 1.0), (0.0051, 0.1), (1.0, 1.0), (7.0, 0.3)]:
-        loss = barlow.barlow_loss(z1, z2, lambd=lambd, scale=scale)
-        assert loss.item() == pytest.approx((scale * (on_diag + lambd * off_diag)).item(), rel=1e-5)
+    for lambd in (0.0, 0.0051, 1.0, 7.0):
+        loss = barlow.barlow_loss(z1, z2, lambd=lambd)
+        assert loss.item() == pytest.approx((on_diag + lambd * off_diag).item(), rel=1e-5)
 
 
 # ---- two ranks whose halves differ in mean and spread: the statistics must be the GLOBAL batch's ----
@@ -75,14 +75,14 @@ def uneven_batch():
 
 def _rank_share(rank, world_size):
     z1, z2 = (z.chunk(world_size)[rank].clone().requires_grad_() for z in uneven_batch())
-    loss = barlow.barlow_loss(z1, z2, lambd=0.5, scale=1.0)
+    loss = barlow.barlow_loss(z1, z2, lambd=0.5)
     loss.backward()
     return loss.detach(), z1.grad, z2.grad
 
 
 def test_two_ranks_with_uneven_halves_use_the_global_mean_and_variance():
     z1, z2 = (z.clone().requires_grad_() for z in uneven_batch())
-    loss = barlow.barlow_loss(z1, z2, lambd=0.5, scale=1.0)
+    loss = barlow.barlow_loss(z1, z2, lambd=0.5)
     loss.backward()
     # the data must tell: normalising each half with its own statistics (and averaging C, as solo-learn's
     # loss does) gives a clearly different value
@@ -127,7 +127,7 @@ def _backward_traffic(rank, world_size):
     backward leaves the gradient it is given as it was."""
     g = torch.Generator().manual_seed(4)
     z1, z2 = (torch.randn(16, 5, generator=g).chunk(world_size)[rank].clone().requires_grad_() for _ in range(2))
-    loss = barlow.barlow_loss(z1, z2, lambd=0.5, scale=1.0)
+    loss = barlow.barlow_loss(z1, z2, lambd=0.5)
     sizes, all_reduce = [], torch.distributed.all_reduce
     torch.distributed.all_reduce = lambda t, *a, **k: (sizes.append(t.numel()), all_reduce(t, *a, **k))[1]
     try:

@@ -29,6 +29,19 @@ class Demo:
     scale: tuple[float, float] = (0.08, 1.0)  # crop scale
 
 
+@dataclass
+class RunDemo:
+    """The run settings common/runtime.py reads from a method script's Config."""
+    epochs: int = 5
+    batch_size: int = 16
+    warmup_epochs: float = 1.0
+    log_every: int = 10
+    snapshot_every: int = 100
+    knn_every: int = 0
+    out_dir: str = "runs/demo"
+    resume: bool = False
+
+
 # ---- config ----
 def test_config_precedence(tmp_path):
     path = tmp_path / "c.yaml"
@@ -45,6 +58,7 @@ def test_config_key_equals_value_as_hydra_style_repositories_take_it(tmp_path):
     cfg = load_config(Demo, [f"config={path}", "epochs=7", "name=007", "flag=true", "--lr", "0.5"])
     assert (cfg.lr, cfg.epochs, cfg.name, cfg.flag) == (0.5, 7, "007", True)
     assert load_config(Demo, ["scale=[0.2, 1]"]).scale == (0.2, 1.0)
+    assert load_config(Demo, ["--flag", "epochs=3"]) == Demo(flag=True, epochs=3)  # a bare flag, then key=value
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -351,14 +365,15 @@ def test_step_metrics_average_and_stop_at_the_first_non_finite_loss(tmp_path):
     assert metrics.read(step=4) == {}
     for loss in (1.0, float("nan"), float("inf")):
         metrics.add(loss=torch.tensor(loss))
-    with pytest.raises(SystemExit, match=r"error: loss is nan at step 11; stopped without writing a checkpoint"):
-        metrics.read(step=13)  # steps 10, 11, 12 (numbered from 0)
+    with pytest.raises(SystemExit, match=r"error: loss is nan at step 12; stopped without writing a checkpoint"):
+        metrics.read(step=13)  # steps 11, 12, 13, counted as in metrics.jsonl
 
 
-def test_schedule_check_allows_another_split_of_the_same_global_batch():
+def test_schedule_check_allows_another_split_of_the_same_global_batch(capsys):
     saved = {"world_size": 4, "global_batch": 256, "steps_per_epoch": 195, "total_steps": 1950, "peak_lr": 0.4}
     check_schedule(saved, dict(saved, world_size=2), "last.pt")  # 2 x 128 continues 4 x 64
-    check_schedule(None, saved, "last.pt")  # a checkpoint older than the check
+    check_schedule(None, saved, "last.pt")  # a checkpoint older than the check: a warning
+    assert "warning: last.pt predates the schedule check" in capsys.readouterr().out
     with pytest.raises(UsageError, match=r"global batch of 256 \(4 ranks x 64\); this run's is 512 \(8 x 64\).*"
                                          r"--batch_size 32 on 8 ranks"):
         check_schedule(saved, dict(saved, world_size=8, global_batch=512), "last.pt")
@@ -375,7 +390,7 @@ def test_non_finite_weights_are_never_written(tmp_path):
     with torch.no_grad():
         model.weight[0, 0] = float("inf")
     with pytest.raises(SystemExit, match="the weights are not finite after step 7 .*keeps the last good state"):
-        save_training_state(str(path), Demo(), {}, 7, 2, model, optimizer, scaler, torch.device("cpu"), True)
+        save_training_state(str(path), RunDemo(), {}, 7, 2, model, optimizer, scaler, torch.device("cpu"), True)
     assert not list(tmp_path.iterdir())
 
 
@@ -394,3 +409,53 @@ def test_knn_on_a_sharded_bank_equals_the_whole_bank(k):
     whole = knn_predict(bank, labels, queries, 4, k=k, temperature=0.1)
     for scores in run_ranks(_sharded_knn, 2, bank, labels, queries, k):
         torch.testing.assert_close(scores, whole)
+
+
+def test_resumed_optimizer_keeps_this_runs_settings():
+    """torch's load_state_dict would replace every group's settings with the saved ones: a resumed run with a
+    new --weight_decay would silently keep the old one, and groups saved without lr_ratio would break set_lr.
+    The state (momentum buffers) comes from the checkpoint; the settings stay this run's."""
+    from common.runtime import load_state
+    weight = nn.Parameter(torch.ones(2, 2))
+    weight.grad = torch.ones(2, 2)
+    saved = torch.optim.SGD([weight], lr=0.1, momentum=0.9, weight_decay=0.5)
+    saved.step()
+    optimizer = torch.optim.SGD([{"params": [weight], "lr_ratio": 0.5}], lr=0.1, momentum=0.9, weight_decay=0.01)
+    load_state(optimizer, saved.state_dict(), "last.pt")
+    group = optimizer.param_groups[0]
+    assert (group["weight_decay"], group["lr_ratio"]) == (0.01, 0.5)
+    assert torch.equal(optimizer.state[weight]["momentum_buffer"], saved.state[weight]["momentum_buffer"])
+
+
+def test_resume_of_a_bf16_run_in_fp16_starts_a_fresh_grad_scaler(tmp_path, capsys):
+    """precision auto: a run started in bf16 (no GradScaler state) and resumed where fp16 is chosen (V100) goes
+    on with a fresh scaler instead of failing on the empty state; the weights and the step come back."""
+    from common.runtime import resume_training
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    model.backbone, model.backbone_args = nn.Identity(), {}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    schedule = {"world_size": 1, "global_batch": 16, "steps_per_epoch": 4, "total_steps": 8, "peak_lr": 0.1}
+    path = str(tmp_path / "last.pt")
+    bf16 = torch.amp.GradScaler("cpu", enabled=False)
+    save_training_state(path, RunDemo(), schedule, 4, 1, model, optimizer, bf16, torch.device("cpu"), True)
+    fresh = nn.Linear(3, 2)
+    fp16 = torch.amp.GradScaler("cpu", enabled=True)
+    step, epoch = resume_training(path, RunDemo(), schedule, fresh, torch.optim.SGD(fresh.parameters(), lr=0.1), fp16,
+                                  torch.device("cpu"), True)
+    assert (step, epoch) == (4, 1) and torch.equal(fresh.weight, model.weight)
+    assert "fp16 starts a fresh one" in capsys.readouterr().out and fp16.get_scale() == 65536.0
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("log_every", 0, "log_every must be at least 1, got 0"),
+    ("snapshot_every", 0, "snapshot_every must be at least 1, got 0"),
+    ("epochs", -1, "epochs must be at least 1, got -1"),
+    ("knn_every", -2, "knn_every and warmup_epochs must not be negative"),
+])
+def test_run_settings_are_checked_before_anything_runs(tmp_path, key, value, message):
+    from common.runtime import check_run
+    with pytest.raises(UsageError, match=message):
+        check_run(RunDemo(out_dir=str(tmp_path / "run"), **{key: value}))
+    assert not (tmp_path / "run").exists()
+    assert check_run(RunDemo(out_dir=str(tmp_path / "run"))) == str(tmp_path / "run" / "last.pt")
