@@ -23,7 +23,8 @@ The paper's Algorithm 1 in this file:
     c = mm(z_a_norm.T, z_b_norm) / N              sum_over_ranks(z1.T @ z2, ...) / N in barlow_loss
     c_diff = (c - eye(D)).pow(2); off-diagonal    on_diag + lambd * off_diag
         elements * lambda; loss = c_diff.sum()
-After training, g is dropped and f(x) is the representation that knn_eval.py and linear_eval.py measure.
+After training, only the backbone f is kept ("backbone" in the checkpoint): the representation that
+knn_eval.py and linear_eval.py measure.
 
 Run (batch_size is per rank; lr is per 256 images and scaled by the global batch):
     python barlow.py --config configs/barlow.yaml --data_dir data --download true

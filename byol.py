@@ -20,7 +20,8 @@ The paper's Algorithm 1 in this file:
     L + L~                                byol_loss(p1, p2, target_z1, target_z2)
     theta <- optimizer(theta, grad, lr)   LARS / SGD step in train()
     xi <- tau xi + (1 - tau) theta        BYOL.update_target(tau) -> ema_update; tau = tau_at(step)
-After training, the online encoder f_theta is the representation ("backbone" in the checkpoint).
+After training, only the online backbone f_theta is kept ("backbone" in the checkpoint): the representation
+that knn_eval.py and linear_eval.py measure.
 
 Run (batch_size is per rank; lr is per 256 images and scaled by the global batch):
     python byol.py --config configs/byol.yaml --data_dir data --download true

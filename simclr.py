@@ -8,8 +8,7 @@ of the positive pair (i, j) is
     l(i, j) = -log( exp(sim(z_i, z_j) / tau) / sum_{k != i} exp(sim(z_i, z_k) / tau) ),  sim = cosine,
 
 averaged over all 2N anchors (Algorithm 1 of the paper). The official code sums the means of the two views'
-anchors, twice this loss: loss_scale 2 in configs/simclr_imagenet.yaml. After training, g is dropped and f(x)
-is the representation that knn_eval.py and linear_eval.py measure.
+anchors, twice this loss: loss_scale 2 in configs/simclr_imagenet.yaml.
 
 The paper's Algorithm 1 in this file:
     x~_2k-1 = t(x_k), x~_2k = t'(x_k)          two_views (common/augment.py), reproducible per (seed, epoch, image)
@@ -17,6 +16,8 @@ The paper's Algorithm 1 in this file:
     s_ij = z_i . z_j / (||z_i|| ||z_j||)        simclr_loss: z normalised, candidates gathered from every rank
     L = 1/2N sum_k [l(2k-1, 2k) + l(2k, 2k-1)]  simclr_loss: cross-entropy over the 2N anchors, self excluded
     update f and g to minimise L                LARS / SGD step in train()
+After training, only the backbone f is kept ("backbone" in the checkpoint): the representation that
+knn_eval.py and linear_eval.py measure.
 
 Run (batch_size is per rank; lr is per 256 images and scaled by the global batch):
     python simclr.py --config configs/simclr.yaml --data_dir data --download true

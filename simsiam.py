@@ -7,15 +7,15 @@ h (an MLP with a bottleneck) maps those to p1 = h(z1), p2 = h(z2). With D(p, z) 
     L = 1/2 D(p1, stopgrad(z2)) + 1/2 D(p2, stopgrad(z1)),   D(p, z) = -(p / ||p||_2) . (z / ||z||_2),
 
 averaged over the batch. No negatives, no momentum encoder, no large batch: the stop-gradient alone keeps
-the outputs from collapsing to a constant (the paper's Fig. 2), which train/z_std watches. After training,
-projector and predictor are dropped and the backbone is the representation that knn_eval.py and
-linear_eval.py measure.
+the outputs from collapsing to a constant (the paper's Fig. 2), which train/z_std watches.
 
 The paper's Algorithm 1 in this file:
     f = backbone + projector, h = predictor              SimSiam.__init__
     z1, z2 = f(x1), f(x2); p1, p2 = h(z1), h(z2)         SimSiam.forward
     L = D(p1, z2)/2 + D(p2, z1)/2, z.detach() in D       simsiam_loss (the stop-gradient is its first line)
     L.backward(); update(f, h)                           the loop: SGD, the predictor's lr fixed (fixed_lr)
+After training, only the backbone is kept ("backbone" in the checkpoint): the representation that knn_eval.py
+and linear_eval.py measure.
 
 Run (batch_size is per rank; lr is per 256 images and scaled by the global batch):
     python simsiam.py --config configs/simsiam.yaml --data_dir data --download true
@@ -66,7 +66,7 @@ class Config:
     # optimisation
     epochs: int = 1000  # training length
     batch_size: int = 256  # images per rank; global_batch = batch_size x world_size
-    optimizer: str = "sgd"  # sgd | lars
+    optimizer: str = "sgd"  # lars | sgd
     lr: float = 0.5  # per 256 images: the peak lr is lr x global_batch / 256 (the predictor's lr, fixed)
     min_lr: float = 0.0  # lr at the end of the cosine (backbone and projector)
     warmup_epochs: float = 10.0  # linear warm-up from 0 to the peak lr (backbone and projector)
@@ -288,8 +288,8 @@ def train(cfg):
                 log.write(step=step, epoch=epoch + 1, **stats)
                 bar.set_postfix(loss=f"{stats['train/loss']:.4f}", lr=f"{lr:.3g}")
         epoch_stats = metrics.read_epoch(step)
-        log.write(step=step, epoch=epoch + 1, **epoch_stats, **{"train/z_std_healthy": healthy_z_std,
-                  "train/images_per_s": global_batch * steps_per_epoch / (time.time() - tic)})
+        log.write(step=step, epoch=epoch + 1, **epoch_stats,
+                  **{"train/images_per_s": global_batch * steps_per_epoch / (time.time() - tic)})
         if is_main and epoch_stats["train/epoch_z_std"] < cfg.collapse_warn * healthy_z_std:
             tqdm.write(f"warning: epoch {epoch + 1}: train/epoch_z_std {epoch_stats['train/epoch_z_std']:.5f} is "
                        f"below {cfg.collapse_warn} x 1/sqrt({cfg.proj_dim}) = {cfg.collapse_warn * healthy_z_std:.5f}: "

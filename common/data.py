@@ -96,14 +96,14 @@ def build_dataset(name, root, split, download=False, image_size=32):
         if name == "stl10":
             stl_split = {"pretrain": "train+unlabeled", "train": "train", "val": "test"}[split]
             return tvd.STL10(root, split=stl_split, download=download)
-    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
+    except (RuntimeError, OSError) as e:  # not there or corrupt; with --download: no network, a full disk
+        reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or e
+        if download:  # urllib's URLError is an OSError
+            raise UsageError(f"could not download {name} into {root!r} ({type(e).__name__}: {reason}); download "
+                             f"it by hand into that folder (the files torchvision's {name} reader expects) and drop "
+                             "--download, or use --dataset folder with an ImageFolder tree") from None
         raise _missing(name, root, "pass --download true to fetch it there, or point --data_dir at the "
-                       f"folder that holds it ({e})") from None
-    except OSError as e:  # --download without a network (urllib's URLError is an OSError), or a full disk
-        reason = getattr(e, "reason", None) or e.strerror or e
-        raise UsageError(f"could not download {name} into {root!r} ({type(e).__name__}: {reason}); download "
-                         f"it by hand into that folder (the files torchvision's {name} reader expects) and drop "
-                         "--download, or use --dataset folder with an ImageFolder tree") from None
+                       f"folder that holds it ({type(e).__name__}: {reason})") from None
     raise UsageError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
 
 

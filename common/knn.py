@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from common.augment import eval_transform
+from common.config import UsageError
 from common.data import Transformed, labelled_split
 from common.runtime import autocast
 
@@ -25,6 +26,8 @@ def extract_features(backbone, dataset, batch_size, num_workers, device, precisi
     by batch. Rank r embeds items r, r+W, r+2W, ... (no padding, so nothing is counted twice); with gather=True
     the shards are gathered on every rank and put back in dataset order, with gather=False each rank returns
     its own shard."""
+    if len(dataset) < world_size:
+        raise UsageError(f"{len(dataset)} images cannot be shared by {world_size} ranks; evaluate on more images")
     was_training = backbone.training
     backbone.eval()
     shard = Subset(dataset, range(rank, len(dataset), world_size))

@@ -6,6 +6,7 @@ import json
 import os
 import random
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -105,15 +106,16 @@ def changed_settings(saved, cfg):
             if k != "resume" and k in saved and saved[k] != v]
 
 
-def check_schedule(saved, schedule, path):
+def check_schedule(saved, schedule, path, is_main=True):
     """A run continues exactly where its schedule does: steps per epoch, and with them total steps, the peak lr
     and every per-step schedule, are functions of the global batch and the data, not of how the batch is split
     over ranks. Another split of the same global batch is the same run; another global batch or another number
     of steps per epoch is an error. (A changed --epochs or --lr is the user's choice: it takes effect and is
     reported among the changed settings.)"""
     if not saved:
-        print(f"warning: {path} predates the schedule check (it holds no 'schedule'); resume it with the global "
-              "batch it was trained with", flush=True)
+        if is_main:
+            print(f"warning: {path} predates the schedule check (it holds no 'schedule'); resume it with the "
+                  "global batch it was trained with", file=sys.stderr, flush=True)
         return
     if saved["global_batch"] != schedule["global_batch"]:
         g, world = saved["global_batch"], schedule["world_size"]
@@ -134,7 +136,7 @@ def resume_training(path, cfg, schedule, model, optimizer, scaler, device, is_ma
     and restore the random generators (the main rank's saved states, on every rank). The optimizer keeps this
     run's settings (weight decay, momentum, ...), so a changed setting takes effect. Returns (step, epoch)."""
     ckpt = load_checkpoint(path)
-    check_schedule(ckpt.get("schedule"), schedule, path)
+    check_schedule(ckpt.get("schedule"), schedule, path, is_main)
     load_state(model, ckpt["model"], path)
     load_state(optimizer, ckpt["optimizer"], path)
     if ckpt["scaler"] or not scaler.is_enabled():
@@ -153,14 +155,16 @@ def save_training_state(path, cfg, schedule, step, epoch, model, optimizer, scal
     """Call on every rank at the end of an epoch: the main rank writes last.pt (atomically), and also
     epoch_XXXX.pt every cfg.snapshot_every epochs and at the end. The model must have `backbone` and
     `backbone_args`; its trunk is stored on its own too, as a plain state_dict for evaluation.
-    Non-finite weights are never written: the run stops instead, and the last good checkpoint stays."""
-    finite = torch.stack([t.isfinite().all() for t in model.state_dict().values() if t.is_floating_point()]).all()
-    finite = finite.float()
+    Non-finite weights or optimizer state (a NaN momentum buffer of a group at lr 0 leaves the weights finite)
+    are never written: the run stops instead, and the last good checkpoint stays."""
+    tensors = [*model.state_dict().values(), *(t for s in optimizer.state.values() for t in s.values()
+                                               if isinstance(t, torch.Tensor))]
+    finite = torch.stack([t.isfinite().all() for t in tensors if t.is_floating_point()]).all().float()
     if dist.is_initialized():
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     if not finite.item():
-        raise SystemExit(f"error: the weights are not finite after step {step} (epoch {epoch}); stopped "
-                         f"without writing a checkpoint, so {path} keeps the last good state. Lower --lr, "
+        raise SystemExit(f"error: the weights or the optimizer state are not finite after step {step} (epoch {epoch}); "
+                         f"stopped without writing a checkpoint, so {path} keeps the last good state. Lower --lr, "
                          "lengthen --warmup_epochs or try --precision fp32, then --resume.")
     if not is_main:
         return
@@ -281,6 +285,10 @@ def load_state(target, state, path):
     takes its state (momentum buffers) from the checkpoint but keeps its own group settings (weight decay,
     lr_ratio, ...), which torch's load_state_dict would otherwise replace with the saved ones."""
     settings = [{k: v for k, v in group.items() if k != "params"} for group in getattr(target, "param_groups", [])]
+    if settings and len(state["param_groups"]) != len(settings):
+        raise UsageError(f"{path} holds {len(state['param_groups'])} optimizer parameter groups where this script "
+                         f"builds {len(settings)}: it was written by another version of the script. Resume it with "
+                         "the commit named in its config.json (git_commit), or start a new run")
     try:
         target.load_state_dict(state)
     except (RuntimeError, ValueError, KeyError) as e:

@@ -1,10 +1,17 @@
 """Shared test helpers: run the repo's scripts as a user would, and check their error messages."""
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def read_jsonl(path):
+    """The JSON objects of a JSON-lines file (metrics.jsonl), in order."""
+    with open(path) as f:
+        return [json.loads(line) for line in f]
 
 
 def _env():

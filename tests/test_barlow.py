@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import barlow
-from battery import run_ranks
+from battery import quick_args, run_ranks
 from helpers import assert_ok, run_script
 
 
@@ -103,9 +103,8 @@ def test_two_ranks_with_uneven_halves_use_the_global_mean_and_variance():
 def test_bias_lr_ratio_scales_the_lr_of_biases_and_norm_parameters(tmp_path):
     """With bias_lr_ratio 0, a run leaves every 1-d parameter (here: BN weights and biases) at its init,
     while the weights move."""
-    args = ["--dataset", "synthetic", "--subset", "32", "--batch_size", "16", "--num_workers", "0", "--epochs", "1",
-            "--warmup_epochs", "0", "--proj_hidden_dim", "64", "--proj_dim", "32", "--bias_lr_ratio", "0"]
-    assert_ok(run_script(["barlow.py", *args, "--out_dir", str(tmp_path / "run")]))
+    assert_ok(run_script(quick_args("barlow", tmp_path / "run", "--warmup_epochs", "0", "--bias_lr_ratio", "0",
+                                    epochs=1)))
     trained = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model"]
     cfg = barlow.Config(dataset="synthetic", proj_hidden_dim=64, proj_dim=32)
     torch.manual_seed(cfg.seed)

@@ -26,13 +26,13 @@ import torch
 from PIL import Image
 
 from battery import case_of, quick_args, run_ranks
-from helpers import REPO, assert_clean_error, assert_one_line_error, run_script, run_torchrun
+from helpers import REPO, assert_clean_error, assert_one_line_error, read_jsonl, run_script, run_torchrun
 
 METHODS = ["simclr", "byol", "simsiam", "barlow"]  # to add one: write tests/case_<method>.py, add it here
 
 
 def metrics_of(run):
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return read_jsonl(run / "metrics.jsonl")
 
 
 # ---- (1) the loss against the paper's formula ----
@@ -163,8 +163,10 @@ def test_resume_is_exact(method, trained, tmp_path):
 @pytest.mark.parametrize("method", METHODS)
 def test_resume_on_another_world_size_continues_the_schedule(method, trained_torchrun, tmp_path):
     """A run of 2 ranks x 16, stopped after epoch 1, resumed in 1 process x 32: the same global batch, so the
-    same run. Every step of epoch 2 has the lr (and EMA rate) of the uninterrupted run; the images of each
-    global batch are the same too (test_common: test_pretrain_loader_global_batches_do_not_depend_on_ranks)."""
+    same run, which the resume accepts. Every step of epoch 2 has the lr (and EMA rate) of the uninterrupted run.
+    The images of each global batch are the same too: pretrain_loader's sharding, tested in test_common
+    (test_pretrain_loader_global_batches_do_not_depend_on_ranks). What a resume must refuse, another global
+    batch, is a bad-input scenario below."""
     run = tmp_path / "run"
     run.mkdir()
     shutil.copy(trained_torchrun[method] / "epoch_0001.pt", run / "last.pt")
@@ -198,9 +200,9 @@ def test_eval_scripts_accept_checkpoint(method, trained, tmp_path):
 
 
 # ---- (6) bad input ----
-def _unlabelled_folder(root):
-    """Images without class sub-folders (pre-training reads them as unlabeled) and no val/."""
-    root.mkdir()
+def _image_folder(root):
+    """20 small images right in `root` (made with its parents); returns root."""
+    root.mkdir(parents=True)
     for i in range(20):
         Image.new("RGB", (32, 32), (i * 12, 0, 0)).save(root / f"{i}.png")
     return root
@@ -227,9 +229,12 @@ BAD_INPUT = {  # scenario: (method, trained runs, tmp_path) -> (command line, wh
         "unknown config key 'batchsize'"),
     "missing data": lambda m, t, tmp: (quick_args(m, tmp / "a", "--dataset", "folder", "--data_dir",
                                                   tmp / "nowhere"), "nowhere"),
-    "kNN monitor without labels": lambda m, t, tmp: (
-        quick_args(m, tmp / "a", "--dataset", "folder", "--data_dir", _unlabelled_folder(tmp / "photos"),
+    "kNN monitor on unlabelled images": lambda m, t, tmp: (  # images without class sub-folders
+        quick_args(m, tmp / "a", "--dataset", "folder", "--data_dir", _image_folder(tmp / "photos"),
                    "--knn_every", "1"), "need labels"),
+    "kNN monitor without val/": lambda m, t, tmp: (  # train/<class>/ only
+        quick_args(m, tmp / "a", "--dataset", "folder", "--data_dir", _image_folder(tmp / "d" / "train" / "cat")
+                   .parent.parent, "--knn_every", "1"), "evaluation needs a val/ sub-folder"),
     "existing run without --resume": lambda m, t, tmp: (quick_args(m, t[m]), "--resume"),
     "corrupt checkpoint": lambda m, t, tmp: (
         quick_args(m, _resume_copy(t, m, tmp, b"\x00not a checkpoint" * 10), "--resume"), "cannot read checkpoint"),
@@ -245,15 +250,22 @@ def _write(path, text):
     return path
 
 
+def _files(*folders):
+    """Every file under the folders, with its size and modification time: what a refused start must not touch."""
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for folder in folders for p in folder.rglob("*")
+            if p.is_file()}
+
+
 @pytest.mark.parametrize("scenario", BAD_INPUT)
 @pytest.mark.parametrize("method", METHODS)
 def test_bad_input_is_a_one_line_error(method, scenario, trained, tmp_path):
     args, fragment = BAD_INPUT[scenario](method, trained, tmp_path)
+    before = _files(tmp_path, trained[method])
     result = run_script(args)
     assert_one_line_error(result, fragment)
     if scenario.startswith("unknown key"):
         assert "Valid keys:" in result.stderr and " epochs," in result.stderr
-    assert not (tmp_path / "a" / "last.pt").exists()  # nothing trained: every check runs before the first step
+    assert _files(tmp_path, trained[method]) == before  # every check runs before anything is written
 
 
 @pytest.mark.parametrize("method", METHODS)

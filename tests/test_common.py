@@ -29,6 +29,13 @@ class Demo:
     scale: tuple[float, float] = (0.08, 1.0)  # crop scale
 
 
+def tiny_model():
+    """What save_training_state needs of a model: parameters, and a `backbone` with its `backbone_args`."""
+    model = nn.Linear(3, 2)
+    model.backbone, model.backbone_args = nn.Identity(), {}
+    return model
+
+
 @dataclass
 class RunDemo:
     """The run settings common/runtime.py reads from a method script's Config."""
@@ -373,7 +380,7 @@ def test_schedule_check_allows_another_split_of_the_same_global_batch(capsys):
     saved = {"world_size": 4, "global_batch": 256, "steps_per_epoch": 195, "total_steps": 1950, "peak_lr": 0.4}
     check_schedule(saved, dict(saved, world_size=2), "last.pt")  # 2 x 128 continues 4 x 64
     check_schedule(None, saved, "last.pt")  # a checkpoint older than the check: a warning
-    assert "warning: last.pt predates the schedule check" in capsys.readouterr().out
+    assert "warning: last.pt predates the schedule check" in capsys.readouterr().err
     with pytest.raises(UsageError, match=r"global batch of 256 \(4 ranks x 64\); this run's is 512 \(8 x 64\).*"
                                          r"--batch_size 32 on 8 ranks"):
         check_schedule(saved, dict(saved, world_size=8, global_batch=512), "last.pt")
@@ -382,15 +389,20 @@ def test_schedule_check_allows_another_split_of_the_same_global_batch(capsys):
 
 
 def test_non_finite_weights_are_never_written(tmp_path):
-    model = nn.Linear(3, 2)
-    model.backbone, model.backbone_args = nn.Identity(), {}
+    model = tiny_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     path = tmp_path / "last.pt"
     with torch.no_grad():
         model.weight[0, 0] = float("inf")
-    with pytest.raises(SystemExit, match="the weights are not finite after step 7 .*keeps the last good state"):
+    with pytest.raises(SystemExit, match="the weights or the optimizer state are not finite after step 7 .*"
+                                         "keeps the last good state"):
         save_training_state(str(path), RunDemo(), {}, 7, 2, model, optimizer, scaler, torch.device("cpu"), True)
+    with torch.no_grad():  # finite weights, a NaN momentum buffer (a group at lr 0 keeps its weights finite)
+        model.weight[0, 0] = 1.0
+    optimizer.state[model.weight]["momentum_buffer"] = torch.full_like(model.weight, float("nan"))
+    with pytest.raises(SystemExit, match="not finite after step 8"):
+        save_training_state(str(path), RunDemo(), {}, 8, 2, model, optimizer, scaler, torch.device("cpu"), True)
     assert not list(tmp_path.iterdir())
 
 
@@ -425,6 +437,11 @@ def test_resumed_optimizer_keeps_this_runs_settings():
     group = optimizer.param_groups[0]
     assert (group["weight_decay"], group["lr_ratio"]) == (0.01, 0.5)
     assert torch.equal(optimizer.state[weight]["momentum_buffer"], saved.state[weight]["momentum_buffer"])
+    bias = nn.Parameter(torch.zeros(2))
+    two_groups = torch.optim.SGD([{"params": [weight]}, {"params": [bias]}], lr=0.1)  # one group saved, two built
+    with pytest.raises(UsageError, match="holds 1 optimizer parameter groups where this script builds 2: it was "
+                                         "written by another version"):
+        load_state(two_groups, saved.state_dict(), "last.pt")
 
 
 def test_resume_of_a_bf16_run_in_fp16_starts_a_fresh_grad_scaler(tmp_path, capsys):
@@ -432,8 +449,7 @@ def test_resume_of_a_bf16_run_in_fp16_starts_a_fresh_grad_scaler(tmp_path, capsy
     on with a fresh scaler instead of failing on the empty state; the weights and the step come back."""
     from common.runtime import resume_training
     torch.manual_seed(0)
-    model = nn.Linear(3, 2)
-    model.backbone, model.backbone_args = nn.Identity(), {}
+    model = tiny_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     schedule = {"world_size": 1, "global_batch": 16, "steps_per_epoch": 4, "total_steps": 8, "peak_lr": 0.1}
     path = str(tmp_path / "last.pt")

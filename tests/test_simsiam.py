@@ -1,12 +1,11 @@
 """SimSiam's own tests, beyond the battery: the stop-gradient, the predictor's fixed lr, the collapse monitor."""
-import json
 import math
 
 import pytest
 import torch
 
 import simsiam
-from helpers import run_script
+from helpers import read_jsonl, run_script
 from battery import quick_args
 
 SMALL = dict(proj_hidden_dim=64, proj_dim=32, pred_hidden_dim=16)
@@ -82,11 +81,10 @@ def test_run_logs_z_std_warns_below_threshold_and_keeps_predictor_lr(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "train/epoch_z_std" in warnings[0] and "collapsing" in warnings[0], result.stderr
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = read_jsonl(out / "metrics.jsonl")
     assert [line["step"] for line in lines if "train/z_std" in line] == [2, 4]  # every log_every steps
     [epoch] = [line for line in lines if "train/epoch_z_std" in line]
-    assert epoch["train/z_std_healthy"] == pytest.approx(1 / math.sqrt(32))
-    assert 0.0 < epoch["train/epoch_z_std"] < 2 * epoch["train/z_std_healthy"]
+    assert 0.0 < epoch["train/epoch_z_std"] < 2 / math.sqrt(32)  # never much above 1/sqrt(proj_dim)
     peak = lines[0]["peak_lr"]
     groups = torch.load(out / "last.pt", weights_only=True)["optimizer"]["param_groups"]
     assert {g["fixed_lr"] for g in groups} == {True, False}
