@@ -475,3 +475,18 @@ def test_run_settings_are_checked_before_anything_runs(tmp_path, key, value, mes
         check_run(RunDemo(out_dir=str(tmp_path / "run"), **{key: value}))
     assert not (tmp_path / "run").exists()
     assert check_run(RunDemo(out_dir=str(tmp_path / "run"))) == str(tmp_path / "run" / "last.pt")
+
+
+def test_knn_monitor_checks_its_splits_when_it_is_made(tmp_path):
+    """A folder of images without class sub-folders can be pre-trained on, but the kNN monitor needs labels:
+    the monitor says so when it is made, at start-up (the battery runs the train/-without-val/ case)."""
+    from types import SimpleNamespace
+    from common.knn import KnnMonitor
+    _write_images(tmp_path / "photos", 4)
+    cfg = SimpleNamespace(knn_every=1, dataset="folder", data_dir=str(tmp_path / "photos"), download=False,
+                          image_size=8)
+    with pytest.raises(UsageError, match="the train split of folder .* is empty or unlabelled; kNN and the "
+                                         "linear probe need labels"):
+        KnnMonitor(cfg, 0, 1, torch.device("cpu"), "fp32")
+    off = SimpleNamespace(**{**vars(cfg), "knn_every": 0})
+    assert KnnMonitor(off, 0, 1, torch.device("cpu"), "fp32").splits is None  # off: nothing built
