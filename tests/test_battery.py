@@ -199,11 +199,11 @@ def test_eval_scripts_accept_checkpoint(method, trained, tmp_path):
 
 
 # ---- (6) bad input ----
-def _image_folder(root):
-    """20 small images right in `root` (made with its parents); returns root."""
-    root.mkdir(parents=True)
+def _folder_without_val(root):
+    """An ImageFolder tree with train/cat/ (20 small images) and no val/; returns root, a run's data_dir."""
+    (root / "train" / "cat").mkdir(parents=True)
     for i in range(20):
-        Image.new("RGB", (32, 32), (i * 12, 0, 0)).save(root / f"{i}.png")
+        Image.new("RGB", (32, 32), (i * 12, 0, 0)).save(root / "train" / "cat" / f"{i}.png")
     return root
 
 
@@ -225,9 +225,9 @@ BAD_INPUT = {
                                       "unknown config key 'learning_rate' on the command line"),
     "missing data": lambda m, t, tmp: (quick_args(m, tmp / "a", "--dataset", "folder", "--data_dir",
                                                   tmp / "nowhere"), "nowhere"),
-    "kNN monitor without val/": lambda m, t, tmp: (  # train/<class>/ only
-        quick_args(m, tmp / "a", "--dataset", "folder", "--data_dir", _image_folder(tmp / "d" / "train" / "cat")
-                   .parent.parent, "--knn_every", "1"), "evaluation needs a val/ sub-folder"),
+    "kNN monitor without val/": lambda m, t, tmp: (
+        quick_args(m, tmp / "a", "--dataset", "folder", "--data_dir", _folder_without_val(tmp / "d"),
+                   "--knn_every", "1"), "evaluation needs a val/ sub-folder"),
     "existing run without --resume": lambda m, t, tmp: (quick_args(m, t[m]), "--resume"),
     "corrupt checkpoint": lambda m, t, tmp: (
         quick_args(m, _resume_copy(t, m, tmp, b"\x00not a checkpoint" * 10), "--resume"), "cannot read checkpoint"),
