@@ -28,7 +28,8 @@ from common.augment import eval_transform
 from common.config import UsageError, parse_config, usage_errors
 from common.data import Transformed, labelled_split, subset
 from common.knn import knn_accuracy
-from common.runtime import close_distributed, init_distributed, load_backbone, resolve_precision, write_json
+from common.runtime import (close_distributed, init_distributed, load_backbone, lost_rank_errors,
+                            resolve_precision, write_json)
 
 
 @dataclass
@@ -47,6 +48,8 @@ class Config:
     val_subset: int = 0  # queries = a fixed random subset of this many val images (0 = all)
     seed: int = 0  # picks the subsets
     num_workers: int = 4  # data-loading processes per rank
+    bad_images: str = "stop"  # an unreadable image file: stop (naming it) | skip (warn, use the next image)
+    dist_timeout: float = 600.0  # seconds a rank waits for the others in a collective before the job stops
     # kNN
     k: int = 200  # neighbours that vote
     temperature: float = 0.07  # T of the vote weights exp(cos / T)
@@ -58,16 +61,16 @@ class Config:
 
 def eval_split(cfg, dataset, data_dir, split, size, n):
     """The eval-transformed train or val split (a fixed random subset of n items when n > 0)."""
-    data = labelled_split(dataset, data_dir, split, cfg.download, size)
+    data = labelled_split(dataset, data_dir, split, cfg.download, size, cfg.bad_images)
     return Transformed(subset(data, n, cfg.seed), eval_transform(size, dataset))
 
 
 def main(cfg):
     if not cfg.checkpoint:
         raise UsageError("--checkpoint is required (a method script's last.pt or a plain trunk state_dict)")
-    if cfg.k < 1 or cfg.temperature <= 0 or cfg.batch_size < 1:
-        raise UsageError("--k and --batch_size must be positive, --temperature above 0")
-    rank, world_size, device = init_distributed()
+    if cfg.k < 1 or cfg.temperature <= 0 or cfg.batch_size < 1 or cfg.dist_timeout <= 0:
+        raise UsageError("--k, --batch_size and --dist_timeout must be positive, --temperature above 0")
+    rank, world_size, device = init_distributed(cfg.dist_timeout)
     precision = resolve_precision(cfg.precision, device)
     backbone, _, args, trained = load_backbone(cfg.checkpoint, cfg.arch, cfg.image_size, cfg.cifar_stem,
                                                cfg.patch_size)
@@ -98,5 +101,5 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    with usage_errors():
+    with usage_errors(), lost_rank_errors():
         main(parse_config(Config))

@@ -41,8 +41,8 @@ from common.augment import eval_transform, linear_train_transform
 from common.config import UsageError, parse_config, usage_errors
 from common.data import EpochSampler, SeededViews, Transformed, labelled_split, labels_of, subset
 from common.knn import extract_features, topk_correct
-from common.runtime import (autocast, close_distributed, init_distributed, load_backbone, resolve_precision,
-                            write_json)
+from common.runtime import (autocast, close_distributed, init_distributed, load_backbone, lost_rank_errors,
+                            resolve_precision, write_json)
 
 
 @dataclass
@@ -60,6 +60,8 @@ class Config:
     train_subset: int = 0  # train on a fixed random subset of this many train images (0 = all)
     val_subset: int = 0  # evaluate on a fixed random subset of this many val images (0 = all)
     num_workers: int = 4  # data-loading processes per rank
+    bad_images: str = "stop"  # an unreadable image file: stop (naming it) | skip (warn, use the next image)
+    dist_timeout: float = 600.0  # seconds a rank waits for the others in a collective before the job stops
     cache_features: bool = False  # extract un-augmented features once and train on them (fast)
     # optimisation
     epochs: int = 100  # training length
@@ -132,9 +134,9 @@ def cached_batches(feats, labels, batch_size, rank, world_size, epoch, seed):
 def main(cfg):
     if not cfg.checkpoint:
         raise UsageError("--checkpoint is required (a method script's last.pt or a plain trunk state_dict)")
-    if cfg.epochs < 1 or cfg.batch_size < 1:
-        raise UsageError("--epochs and --batch_size must be positive")
-    rank, world_size, device = init_distributed()
+    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.dist_timeout <= 0:
+        raise UsageError("--epochs, --batch_size and --dist_timeout must be positive")
+    rank, world_size, device = init_distributed(cfg.dist_timeout)
     is_main = rank == 0
     precision = resolve_precision(cfg.precision, device)
     backbone, width, args, trained = load_backbone(cfg.checkpoint, cfg.arch, cfg.image_size, cfg.cifar_stem,
@@ -146,7 +148,8 @@ def main(cfg):
     data_dir, size = cfg.data_dir or trained.get("data_dir", "data"), args["image_size"]
 
     # ---- data ----
-    full = {split: labelled_split(dataset, data_dir, split, cfg.download, size) for split in ("train", "val")}
+    full = {split: labelled_split(dataset, data_dir, split, cfg.download, size, cfg.bad_images)
+            for split in ("train", "val")}
     num_classes = max(labels_of(full["train"]) + labels_of(full["val"])) + 1
     train_images = subset(full["train"], cfg.train_subset, cfg.seed)
     val_set = Transformed(subset(full["val"], cfg.val_subset, cfg.seed), eval_transform(size, dataset))
@@ -231,5 +234,5 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    with usage_errors():
+    with usage_errors(), lost_rank_errors():
         main(parse_config(Config))

@@ -39,8 +39,8 @@ from common.backbones import backbone_args, build_backbone
 from common.config import UsageError, parse_config, usage_errors
 from common.data import pretrain_loader
 from common.knn import KnnMonitor
-from common.runtime import (MetricLog, StepMetrics, autocast, check_run, close_distributed, init_distributed,
-                            resolve_precision, resume_training, save_training_state, write_run_config)
+from common.runtime import (Checkpointer, MetricLog, StepMetrics, autocast, check_run, close_distributed,
+                            init_distributed, lost_rank_errors, resolve_precision, write_run_config)
 
 
 @dataclass
@@ -54,6 +54,7 @@ class Config:
     augment: str = "sym_weak"  # view preset (common/augment.py): sym | sym_weak | asym
     crop_min_scale: float = 0.08  # smallest area fraction of RandomResizedCrop
     num_workers: int = 4  # data-loading processes per rank
+    bad_images: str = "stop"  # an unreadable image file: stop (naming it) | skip (warn, use the next image)
     # model
     arch: str = "resnet18"  # backbone (common/backbones.py)
     cifar_stem: str = "auto"  # 3x3 stride-1 first conv, no max-pool: auto (on at <= 64 px) | true | false
@@ -81,9 +82,15 @@ class Config:
     compile: bool = False  # torch.compile the model
     seed: int = 0  # model init, data order and augmentations
     # run
-    out_dir: str = "runs/simsiam"  # run folder: config.json, metrics.jsonl, last.pt, epoch_XXXX.pt
-    resume: bool = False  # continue the run in out_dir from its last.pt
-    snapshot_every: int = 100  # also keep epoch_XXXX.pt every this many epochs (last.pt: every epoch)
+    out_dir: str = "runs/simsiam"  # run folder: config.json, metrics.jsonl, checkpoints (last.pt is the newest)
+    resume: str = "auto"  # auto: continue the run in out_dir if it holds one with these settings | true | false
+    checkpoint_every_steps: int = 0  # also checkpoint every this many steps (0 = off; always at epoch ends)
+    checkpoint_every_minutes: float = 30.0  # also checkpoint every this many minutes (0 = off)
+    keep_checkpoints: int = 2  # step_XXXXXXXX.pt files kept (older ones are deleted; epoch snapshots stay)
+    snapshot_every: int = 100  # also keep epoch_XXXX.pt every this many epochs (and at the end)
+    stop_timeout: float = 120.0  # after SIGTERM / SIGUSR1: seconds to finish the step and checkpoint, else exit
+    dist_timeout: float = 600.0  # seconds a rank waits for the others in a collective before the job stops
+    skip_nonfinite: int = 0  # steps with a non-finite loss or gradient to skip (0: stop at the first)
     log_every: int = 10  # steps between lines of metrics.jsonl
     knn_every: int = 0  # epochs between online kNN checks on the labelled train/val splits (0 = off)
     knn_k: int = 200  # neighbours of the kNN monitor
@@ -224,9 +231,9 @@ def lr_at(step, total_steps, warmup_steps, peak_lr, min_lr=0.0):
 
 # ---- training ----
 def train(cfg):
-    rank, world_size, device = init_distributed()
+    rank, world_size, device = init_distributed(cfg.dist_timeout)
     is_main = rank == 0
-    ckpt_path = check_run(cfg)  # settings and run folder, before anything is loaded or written
+    check_run(cfg)  # settings and run folder, before anything is loaded or written
     precision = resolve_precision(cfg.precision, device)  # "bf16" | "fp16" | "fp32"
     torch.manual_seed(cfg.seed)
 
@@ -252,19 +259,18 @@ def train(cfg):
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     # ---- resume and run folder ----
-    step, start_epoch = 0, 0
-    if cfg.resume:
-        step, start_epoch = resume_training(ckpt_path, cfg, schedule, model, optimizer, scaler, device, is_main)
+    log, metrics = MetricLog(cfg.out_dir, is_main), StepMetrics(cfg.out_dir, precision, cfg.skip_nonfinite)
+    checkpointer = Checkpointer(cfg, schedule, model, optimizer, scaler, metrics, device, rank, world_size)
+    step = checkpointer.resume()  # from the newest intact checkpoint in out_dir (see cfg.resume); 0: a new run
     write_run_config(cfg, is_main, precision=precision, **schedule)
     ddp_model = DDP(model) if world_size > 1 else model
     if cfg.compile:
         ddp_model = torch.compile(ddp_model)
-    log, metrics = MetricLog(cfg.out_dir, is_main), StepMetrics(cfg.out_dir)
     healthy_z_std = 1 / math.sqrt(cfg.proj_dim)  # collapse_std of outputs spread over the sphere
 
     # ---- loop ----
-    for epoch in range(start_epoch, cfg.epochs):
-        loader.sampler.set_epoch(epoch)
+    for epoch in range(step // steps_per_epoch, cfg.epochs):
+        loader.sampler.set_epoch(epoch, skip=(step - epoch * steps_per_epoch) * cfg.batch_size)  # batches done
         model.train()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not is_main, dynamic_ncols=True)
         tic = time.time()
@@ -278,28 +284,34 @@ def train(cfg):
             loss = simsiam_loss(p1, p2, z1, z2)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            scaler.unscale_(optimizer)  # the true gradient (fp16), for its norm
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
             z_std = (collapse_std(z1) + collapse_std(z2)) / 2
-            metrics.add(loss=loss, z_std=z_std)  # stays on the device: no host sync
+            # kept on the device; False only for a non-finite step to skip (--skip_nonfinite)
+            if metrics.add(loss=loss, grad_norm=grad_norm, z_std=z_std):
+                scaler.step(optimizer)
+            scaler.update()
             step += 1
-            if step % cfg.log_every == 0:  # the one host sync (besides fp16's GradScaler): read, average, check
+            save = checkpointer.due(step)  # every checkpoint_every_steps / _minutes, or after SIGTERM / SIGUSR1
+            if step % cfg.log_every == 0 or save:  # the host sync (besides fp16's GradScaler): read, average, check
                 stats = {**metrics.read(step), "train/lr": lr}
                 log.write(step=step, epoch=epoch + 1, **stats)
                 bar.set_postfix(loss=f"{stats['train/loss']:.4f}", lr=f"{lr:.3g}")
+            if save:
+                checkpointer.save(step)  # after a stop signal, it then exits (status 75)
         epoch_stats = metrics.read_epoch(step)
         log.write(step=step, epoch=epoch + 1, **epoch_stats,
-                  **{"train/images_per_s": global_batch * steps_per_epoch / (time.time() - tic)})
+                  **{"train/images_per_s": global_batch * len(loader) / (time.time() - tic)})
         if is_main and epoch_stats["train/epoch_z_std"] < cfg.collapse_warn * healthy_z_std:
             tqdm.write(f"warning: epoch {epoch + 1}: train/epoch_z_std {epoch_stats['train/epoch_z_std']:.5f} is "
                        f"below {cfg.collapse_warn} x 1/sqrt({cfg.proj_dim}) = {cfg.collapse_warn * healthy_z_std:.5f}: "
                        "the outputs are collapsing to a constant (the paper's Fig. 2). Check the stop-gradient and "
                        "the predictor, or lower --lr.", file=sys.stderr)
         knn_monitor.after_epoch(epoch + 1, step, model.backbone, log)
-        save_training_state(ckpt_path, cfg, schedule, step, epoch + 1, model, optimizer, scaler, device, is_main)
+        checkpointer.save(step)
     close_distributed()
 
 
 if __name__ == "__main__":
-    with usage_errors():
+    with usage_errors(), lost_rank_errors():
         train(parse_config(Config))

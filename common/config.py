@@ -20,11 +20,22 @@ class ConfigError(UsageError):
 
 @contextlib.contextmanager
 def usage_errors():
-    """Wrap a script's entry point: a UsageError exits with its message instead of a traceback."""
+    """Wrap a script's entry point: a UsageError exits with its message instead of a traceback.
+
+    A UsageError raised in a DataLoader worker (an unreadable image) reaches here re-raised by torch with the
+    worker's traceback as its message ("Caught UsageError in DataLoader worker process 0. Original Traceback
+    ...", ending in the line "common.config.UsageError: <message>"): only that one-line message is printed."""
     try:
         yield
     except UsageError as e:
-        raise SystemExit(f"error: {e}") from None
+        message = str(e)
+        if "\nOriginal Traceback" in message:
+            message = message.rstrip().splitlines()[-1].partition(": ")[2]
+        raise SystemExit(f"error: {message}") from None
+
+
+# string options that also take a bare --flag, meaning "true" (--resume: auto | true | false)
+FLAG_OPTIONS = ("resume",)
 
 
 def _field_comments(cls):
@@ -53,7 +64,9 @@ def _coerce(name, value, typ):
             except ValueError:
                 pass
     elif typ is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        if isinstance(value, bool):  # YAML's `resume: true` for an auto | true | false option
+            return "true" if value else "false"
+        if isinstance(value, (str, int, float)):
             return str(value)
     elif typing.get_origin(typ) is tuple:
         if isinstance(value, (list, tuple)):
@@ -90,7 +103,8 @@ def load_config(cls, argv):
         key = key.replace("-", "_")
         if not eq:
             nxt = argv[i + 1] if i + 1 < len(argv) else None
-            if types.get(key) is bool and (nxt is None or nxt.startswith("--") or "=" in nxt):
+            is_flag = types.get(key) is bool or key in FLAG_OPTIONS
+            if is_flag and (nxt is None or nxt.startswith("--") or "=" in nxt):
                 value = "true"  # a bare --flag switches a boolean on (a boolean's value never holds "=")
             elif nxt is None:
                 raise ConfigError(f"--{key} needs a value")

@@ -6,13 +6,22 @@ build_dataset(name, root, split) gives (image, label) pairs with PIL images:
   folder              an ImageFolder tree: root/train and root/val if present, else root itself; a folder of
                       images without class sub-folders is read as unlabeled (labels -1)
   synthetic           deterministic random images of any size, ten classes, no files (offline smoke runs)
+
+A folder's image that cannot be decoded (not an image, truncated) stops the run naming its path, or with
+bad_images="skip" is replaced by the next readable image (see ReadableImages); the other datasets are read from
+torchvision's array files and take the argument only to share one signature.
 """
+import atexit
+import itertools
+import multiprocessing
 import os
+import signal
+import sys
 
 import numpy as np
 import torch
 import torchvision.datasets as tvd
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 from common.config import UsageError
@@ -52,6 +61,7 @@ class ImageFiles(Dataset):
         self.files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs
                             if f.lower().endswith(IMAGE_EXTENSIONS))
         self.targets = [-1] * len(self.files)
+        self.samples = [(f, -1) for f in self.files]  # as ImageFolder's: where ReadableImages finds the path
 
     def __len__(self):
         return len(self.files)
@@ -61,11 +71,59 @@ class ImageFiles(Dataset):
             return img.convert("RGB"), -1
 
 
+BAD_IMAGES = ("stop", "skip")
+# what PIL raises for a file it cannot decode: UnidentifiedImageError and "image file is truncated" are OSErrors
+# (so is a file deleted during the run); a few broken chunks raise SyntaxError, ValueError or EOFError
+UNREADABLE = (OSError, SyntaxError, ValueError, EOFError)
+
+
+def _reason(e):
+    """Why a file could not be read, in a few words (without the path, which the message gives once)."""
+    if isinstance(e, UnidentifiedImageError):  # its text names the file object ImageFolder opened
+        return "not an image PIL can identify"
+    return getattr(e, "strerror", None) or " ".join(str(e).split()) or type(e).__name__
+
+
+class ReadableImages(Dataset):
+    """A folder data set (ImageFolder or ImageFiles) whose unreadable files are reported by their path.
+
+    bad_images="stop": reading one raises a UsageError naming the file. "skip": item i is the next readable
+    image from i on (i + 1, i + 2, ..., wrapping around) with that image's label, with a one-line warning per bad
+    path and process; the choice depends on the files alone, so batches keep their size and a run stays
+    reproducible. targets, samples and classes are the wrapped data set's, so labels_of decodes nothing."""
+
+    def __init__(self, dataset, root, bad_images="stop"):
+        self.dataset, self.root, self.bad_images = dataset, root, bad_images
+        self.samples, self.targets = dataset.samples, dataset.targets
+        self.classes = getattr(dataset, "classes", [])
+        self.warned = set()  # this process's bad paths already reported (each DataLoader worker has its own)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        for j in range(len(self)):
+            k = (i + j) % len(self)
+            try:
+                return self.dataset[k]
+            except UNREADABLE as e:
+                path, reason = self.samples[k][0], _reason(e)
+                if self.bad_images == "stop":
+                    raise UsageError(f"cannot read image {path} ({reason}); delete or replace the file, or pass "
+                                     "--bad_images skip to use the next image in its place") from None
+                if path not in self.warned:
+                    self.warned.add(path)
+                    print(f"warning: unreadable image {path} ({reason}); using the next image instead",
+                          file=sys.stderr, flush=True)
+        raise UsageError(f"none of the {len(self)} images under {self.root!r} can be read (see the warnings "
+                         "above); check the files")
+
+
 def _missing(name, root, hint):
     return UsageError(f"{name} not found in {root!r}: {hint}")
 
 
-def _folder(root, split):
+def _folder(root, split, bad_images):
     if not os.path.isdir(root):
         raise _missing("image folder", root, "check --data_dir; it should hold train/ and val/ "
                        "(each with one sub-folder per class) or just images")
@@ -78,17 +136,20 @@ def _folder(root, split):
     data = tvd.ImageFolder(root, allow_empty=True) if has_classes else ImageFiles(root)
     if len(data) == 0:
         raise UsageError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root!r}")
-    return data
+    return ReadableImages(data, root, bad_images)
 
 
-def build_dataset(name, root, split, download=False, image_size=32):
-    """split: 'pretrain' (what self-supervised training sees), 'train' (labelled) or 'val'."""
+def build_dataset(name, root, split, download=False, image_size=32, bad_images="stop"):
+    """split: 'pretrain' (what self-supervised training sees), 'train' (labelled) or 'val'. bad_images: what an
+    unreadable file of a folder data set does, 'stop' (naming it) or 'skip' (see ReadableImages)."""
     if split not in ("pretrain", "train", "val"):
         raise ValueError(f"unknown split {split!r}")
+    if bad_images not in BAD_IMAGES:
+        raise UsageError(f"bad_images must be {' or '.join(BAD_IMAGES)}, got {bad_images!r}")
     if name == "synthetic":
         return Synthetic(256 if split == "val" else 1024, image_size, seed=1 if split == "val" else 0)
     if name == "folder":
-        return _folder(root, split)
+        return _folder(root, split, bad_images)
     try:
         if name in ("cifar10", "cifar100"):
             cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
@@ -107,9 +168,9 @@ def build_dataset(name, root, split, download=False, image_size=32):
     raise UsageError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
 
 
-def labelled_split(name, root, split, download=False, image_size=32):
+def labelled_split(name, root, split, download=False, image_size=32, bad_images="stop"):
     """build_dataset for evaluation ('train' or 'val'), where every image needs its class label."""
-    data = build_dataset(name, root, split, download, image_size)
+    data = build_dataset(name, root, split, download, image_size, bad_images)
     if min(labels_of(data), default=-1) < 0:
         raise UsageError(f"the {split} split of {name} in {root!r} is empty or unlabelled; kNN and the linear probe "
                          "need labels (folder: train/ and val/, each with one sub-folder per class)")
@@ -131,14 +192,18 @@ def pretrain_loader(cfg, views, rank, world_size, device):
 
     DistributedSampler's permutation depends on the seed and the epoch only, and rank r takes its items r, r + W,
     ...: global batch b is items [b * G, (b + 1) * G) of the permutation for any split of the global batch G over
-    W ranks, so a run resumed on another number of ranks with the same G sees the same images in every batch."""
-    images = subset(build_dataset(cfg.dataset, cfg.data_dir, "pretrain", cfg.download, cfg.image_size),
-                    cfg.subset, cfg.seed)
+    W ranks, so a run resumed on another number of ranks with the same G sees the same images in every batch.
+    The same holds for the batches left in an epoch: set_epoch(epoch, skip=k * batch_size) starts at global
+    batch k on any number of ranks (a mid-epoch resume)."""
+    images = subset(build_dataset(cfg.dataset, cfg.data_dir, "pretrain", cfg.download, cfg.image_size,
+                                  cfg.bad_images), cfg.subset, cfg.seed)
     train_set = SeededViews(images, views, seed=cfg.seed)
     sampler = EpochSampler(DistributedSampler(train_set, world_size, rank, shuffle=True, seed=cfg.seed,
                                               drop_last=True))
+    # its own generator: drawing worker seeds never moves the global one, which a mid-epoch resume restores
     loader = DataLoader(train_set, cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
-                        pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0, drop_last=True)
+                        pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0, drop_last=True,
+                        worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(cfg.seed))
     if len(loader) == 0:
         raise UsageError(f"{len(train_set)} images make no full batch of {cfg.batch_size} x {world_size} "
                          "ranks; lower --batch_size")
@@ -168,20 +233,40 @@ class SeededViews(Dataset):
 
 
 class EpochSampler(Sampler):
-    """Wraps a DistributedSampler and yields (epoch, index) keys for SeededViews."""
+    """Wraps a DistributedSampler and yields (epoch, index) keys for SeededViews. set_epoch(epoch, skip) leaves
+    out this rank's first `skip` indices of the epoch (the batches a resumed run already trained on): they are
+    never loaded, and the rest are exactly those the uninterrupted epoch would have given."""
 
     def __init__(self, sampler):
-        self.sampler, self.epoch = sampler, 0
+        self.sampler, self.epoch, self.skip = sampler, 0, 0
 
-    def set_epoch(self, epoch):
-        self.epoch = epoch
+    def set_epoch(self, epoch, skip=0):
+        self.epoch, self.skip = epoch, skip
         self.sampler.set_epoch(epoch)
 
     def __len__(self):
-        return len(self.sampler)
+        return max(0, len(self.sampler) - self.skip)
 
     def __iter__(self):
-        return ((self.epoch, i) for i in self.sampler)
+        return ((self.epoch, i) for i in itertools.islice(self.sampler, self.skip, None))
+
+
+def ignore_stop_signals(worker_id=None):
+    """worker_init_fn of every DataLoader: SIGTERM / SIGUSR1 (SLURM sends them to every process of a job) are
+    for the training process, which checkpoints and stops its workers; a worker they killed would make the
+    loader fail mid-checkpoint. Workers that ignore SIGTERM would make multiprocessing's exit hook, which
+    terminates and then joins daemonic children still alive (a loader held by an exception's traceback), wait
+    forever: _kill_data_workers, registered after that hook and so run before it, kills them first."""
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
+
+
+@atexit.register
+def _kill_data_workers():
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the loader's handler would report the kill as a failure
+    for child in multiprocessing.active_children():
+        if child.daemon:  # DataLoader workers (daemonic); never the processes of mp.spawn or torchrun
+            child.kill()
 
 
 class Transformed(Dataset):

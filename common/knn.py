@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from common.augment import eval_transform
 from common.config import UsageError
-from common.data import Transformed, labelled_split
+from common.data import Transformed, ignore_stop_signals, labelled_split
 from common.runtime import autocast
 
 
@@ -31,7 +31,8 @@ def extract_features(backbone, dataset, batch_size, num_workers, device, precisi
     was_training = backbone.training
     backbone.eval()
     shard = Subset(dataset, range(rank, len(dataset), world_size))
-    loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
+    loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda",
+                        worker_init_fn=ignore_stop_signals)
     feats, labels = [], []
     for images, y in loader:
         with autocast(device, precision):
@@ -130,8 +131,9 @@ class KnnMonitor:
         self.cfg, self.rank, self.world_size, self.device, self.precision = cfg, rank, world_size, device, precision
         self.splits = None
         if cfg.knn_every:
-            self.splits = [Transformed(labelled_split(cfg.dataset, cfg.data_dir, split, cfg.download, cfg.image_size),
-                                       eval_transform(cfg.image_size, cfg.dataset)) for split in ("train", "val")]
+            self.splits = [Transformed(labelled_split(cfg.dataset, cfg.data_dir, split, cfg.download, cfg.image_size,
+                                                      cfg.bad_images), eval_transform(cfg.image_size, cfg.dataset))
+                           for split in ("train", "val")]
 
     def after_epoch(self, epoch, step, backbone, log):
         """Run the check if `epoch` (1-based) is one of its epochs; log eval/knn_top1 and eval/knn_top5."""

@@ -1,12 +1,23 @@
-"""Run plumbing that carries no method knowledge: torchrun detection, precision, the run folder (config.json,
-metrics.jsonl), per-step metrics kept on the device, atomic checkpoints, exact resume (also on another number
-of ranks), and loading a trunk for evaluation from a checkpoint or a plain state_dict."""
+"""Run plumbing that carries no method knowledge: torchrun detection (with a collective timeout), precision, the
+run folder (config.json, metrics.jsonl), per-step metrics kept on the device, checkpoints at any step that
+survive kills, corrupt files and full disks, stop signals, exact resume (also mid-epoch and on another number
+of ranks), and loading a trunk for evaluation from a checkpoint or a plain state_dict. docs/reliability.md
+lists what each piece guarantees and the test that proves it."""
+import contextlib
 import dataclasses
+import datetime
+import errno
 import json
+import math
 import os
 import random
+import re
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 
 import numpy as np
@@ -17,18 +28,20 @@ from common.backbones import backbone_args, build_backbone
 from common.config import UsageError
 
 
-def init_distributed():
-    """One code path with or without torchrun. Returns (rank, world_size, device)."""
+def init_distributed(timeout=600.0):
+    """One code path with or without torchrun. Returns (rank, world_size, device). A collective that waits more
+    than `timeout` seconds for another rank (dead or hung) fails instead of hanging (see lost_rank_errors)."""
     if "RANK" not in os.environ:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return 0, 1, device
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    timeout = datetime.timedelta(seconds=timeout)
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank), timeout=timeout)
         return rank, world_size, torch.device("cuda", local_rank)
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo", timeout=timeout)
     return rank, world_size, torch.device("cpu")
 
 
@@ -70,21 +83,70 @@ def git_commit():
         return "unknown"
 
 
+RESUME_MODES = ("auto", "true", "false")
+# exit statuses besides 0 (done) and 1 (an error, with its message)
+EXIT_PREEMPTED = 75  # SIGTERM / SIGUSR1: a checkpoint of the last step was written; run the same command again
+EXIT_FORCED = 76  # a second signal, or no checkpoint within stop_timeout: exited without one
+EXIT_LOST_RANK = 77  # another process of the job died or did not answer within dist_timeout
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what SLURM and spot-instance agents send before a kill
+# settings that change how a run is carried out, not what it computes: `resume: auto` continues a run even
+# where they differ (a re-queued job on another node, with more data workers, a new data path, ...)
+RUN_ONLY_KEYS = ("resume", "out_dir", "data_dir", "download", "num_workers", "compile", "log_every", "knn_every",
+                 "checkpoint_every_steps", "checkpoint_every_minutes", "keep_checkpoints", "stop_timeout",
+                 "dist_timeout", "bad_images")
+
+
 def check_run(cfg):
-    """Check a pre-training's run settings and its folder before anything is loaded or written: never train
-    over an existing run unless resuming, never resume what is not there. Returns last.pt's path."""
-    for key in ("epochs", "batch_size", "log_every", "snapshot_every"):
+    """Check a pre-training's run settings and its folder before anything is loaded or written: the folder can be
+    written to, and it holds a run exactly when cfg.resume allows (auto: either; true: it must; false: it
+    must not), so a run is never trained over and a resume never starts from nothing."""
+    for key in ("epochs", "batch_size", "log_every", "snapshot_every", "keep_checkpoints"):
         if getattr(cfg, key) < 1:
             raise UsageError(f"{key} must be at least 1, got {getattr(cfg, key)}")
-    if cfg.knn_every < 0 or cfg.warmup_epochs < 0:
-        raise UsageError("knn_every and warmup_epochs must not be negative")
-    last = os.path.join(cfg.out_dir, "last.pt")
-    if cfg.resume and not os.path.exists(last):
-        raise UsageError(f"--resume: no checkpoint {last}; start a new run without --resume")
-    if not cfg.resume and os.path.exists(last):
-        raise UsageError(f"{cfg.out_dir} already holds a run ({last}); pass --resume to continue it, "
-                         "or choose another --out_dir")
-    return last
+    for key in ("knn_every", "warmup_epochs", "checkpoint_every_steps", "checkpoint_every_minutes",
+                "skip_nonfinite"):
+        if getattr(cfg, key) < 0:
+            raise UsageError(f"{key} must not be negative, got {getattr(cfg, key)}")
+    for key in ("stop_timeout", "dist_timeout"):
+        if getattr(cfg, key) <= 0:
+            raise UsageError(f"{key} must be a positive number of seconds, got {getattr(cfg, key)}")
+    if cfg.resume not in RESUME_MODES:
+        raise UsageError(f"resume must be auto, true or false, got {cfg.resume!r}")
+    found = checkpoint_files(cfg.out_dir)
+    if cfg.resume == "true" and not found:
+        raise UsageError(f"--resume true: {cfg.out_dir} holds no checkpoint; start a new run with --resume auto")
+    if cfg.resume == "false" and found:
+        raise UsageError(f"{cfg.out_dir} already holds a run ({os.path.basename(found[0])}); pass --resume auto "
+                         "(or true) to continue it, or choose another --out_dir")
+    _check_writable(cfg.out_dir)
+
+
+def _check_writable(folder):
+    """Write and remove a file where the run folder is (or would be created): a read-only or full file system,
+    a missing permission or a path through a file is found before training, not at the first checkpoint."""
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    try:
+        if not os.path.isdir(existing):
+            raise NotADirectoryError(errno.ENOTDIR, f"{existing} is a file")
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".write_test_")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise UsageError(f"cannot write the run folder {folder} ({e.strerror or e}); choose another "
+                         "--out_dir") from None
+
+
+def checkpoint_files(folder):
+    """The checkpoints in a run folder, the one to resume from first: last.pt, then step_XXXXXXXX.pt and
+    epoch_XXXX.pt (earlier snapshots), newest first."""
+    if not os.path.isdir(folder):
+        return []
+    names = os.listdir(folder)
+    steps = sorted((n for n in names if re.fullmatch(r"step_\d+\.pt", n)), reverse=True)
+    epochs = sorted((n for n in names if re.fullmatch(r"epoch_\d+\.pt", n)), reverse=True)
+    return [os.path.join(folder, n) for n in (["last.pt"] if "last.pt" in names else []) + steps + epochs]
 
 
 def write_run_config(cfg, is_main, **derived):
@@ -99,11 +161,11 @@ def write_run_config(cfg, is_main, **derived):
         MetricLog(cfg.out_dir, is_main).write(event="config", **resolved)
 
 
-def changed_settings(saved, cfg):
-    """'key: old -> new' for each config value that differs from the checkpoint's (resume itself aside; a key
+def changed_settings(saved, cfg, ignore=("resume",)):
+    """'key: old -> new' for each config value that differs from the checkpoint's (keys in `ignore` aside; a key
     the checkpoint predates, such as a newly added option, is not a change)."""
     return [f"{k}: {saved[k]!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
-            if k != "resume" and k in saved and saved[k] != v]
+            if k not in ignore and k in saved and saved[k] != v]
 
 
 def check_schedule(saved, schedule, path, is_main=True):
@@ -130,51 +192,242 @@ def check_schedule(saved, schedule, path, is_main=True):
                          "trained with (its config.json)")
 
 
-def resume_training(path, cfg, schedule, model, optimizer, scaler, device, is_main):
-    """Continue the run in cfg.out_dir: load last.pt into the model (with its buffers: EMA targets, queues,
-    centres), the optimizer's state and the scaler (strict), check that the schedule continues (check_schedule)
-    and restore the random generators (the main rank's saved states, on every rank). The optimizer keeps this
-    run's settings (weight decay, momentum, ...), so a changed setting takes effect. Returns (step, epoch)."""
-    ckpt = load_checkpoint(path)
-    check_schedule(ckpt.get("schedule"), schedule, path, is_main)
-    load_state(model, ckpt["model"], path)
-    load_state(optimizer, ckpt["optimizer"], path)
-    if ckpt["scaler"] or not scaler.is_enabled():
-        load_state(scaler, ckpt["scaler"], path)
-    elif is_main:  # precision auto: bf16 where the run started, fp16 on this GPU
-        print("the checkpoint has no GradScaler state (it computed in bf16 or fp32): fp16 starts a fresh one",
-              flush=True)
-    set_rng_states(ckpt["rng"], device)
-    changed = changed_settings(ckpt["config"], cfg)  # e.g. a longer --epochs reshapes the schedule
-    if is_main and changed:
-        print(f"resuming with changed settings: {'; '.join(changed)}", flush=True)
-    return ckpt["step"], ckpt["epoch"]
+def _describe(method, args):
+    return f"{method} with a {args.get('arch')} at {args.get('image_size')} px" + (
+        f" (patch {args['patch_size']})" if str(args.get("arch", "")).startswith("vit") else "")
 
 
-def save_training_state(path, cfg, schedule, step, epoch, model, optimizer, scaler, device, is_main):
-    """Call on every rank at the end of an epoch: the main rank writes last.pt (atomically), and also
-    epoch_XXXX.pt every cfg.snapshot_every epochs and at the end. The model must have `backbone` and
-    `backbone_args`; its trunk is stored on its own too, as a plain state_dict for evaluation.
-    Non-finite weights or optimizer state (a NaN momentum buffer of a group at lr 0 leaves the weights finite)
-    are never written: the run stops instead, and the last good checkpoint stays."""
-    tensors = [*model.state_dict().values(), *(t for s in optimizer.state.values() for t in s.values()
-                                               if isinstance(t, torch.Tensor))]
-    finite = torch.stack([t.isfinite().all() for t in tensors if t.is_floating_point()]).all().float()
-    if dist.is_initialized():
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    if not finite.item():
-        raise SystemExit(f"error: the weights or the optimizer state are not finite after step {step} (epoch {epoch}); "
-                         f"stopped without writing a checkpoint, so {path} keeps the last good state. Lower --lr, "
-                         "lengthen --warmup_epochs or try --precision fp32, then --resume.")
-    if not is_main:
+class Checkpointer:
+    """Checkpoints of a pre-training and its stop signals, so that a run loses at most the steps since its last
+    checkpoint and a resumed run is exactly the uninterrupted one.
+
+    Files in cfg.out_dir (written by the main rank, each atomically: a temporary file, fsync, rename):
+      step_XXXXXXXX.pt  at every checkpoint; the newest cfg.keep_checkpoints are kept
+      last.pt           the newest checkpoint (a hard link to its step file, a copy where links are not allowed)
+      epoch_XXXX.pt     at the end of every cfg.snapshot_every-th epoch and of the last one; never deleted
+    When: due(step) after every step -- every cfg.checkpoint_every_steps steps, every cfg.checkpoint_every_minutes
+    (rank 0's clock), and after SIGTERM or SIGUSR1 on any rank -- and save(step) at the end of every epoch.
+    After a stop signal, save() exits with EXIT_PREEMPTED; a second signal, or cfg.stop_timeout seconds without
+    getting there, exits at once with EXIT_FORCED (a checkpoint being written stays a temporary file).
+    resume() loads the newest intact checkpoint; a truncated or corrupt one is named and passed over."""
+
+    def __init__(self, cfg, schedule, model, optimizer, scaler, metrics, device, rank, world_size):
+        self.cfg, self.schedule, self.device = cfg, schedule, device
+        self.model, self.optimizer, self.scaler, self.metrics = model, optimizer, scaler, metrics
+        self.is_main, self.rank, self.world_size = rank == 0, rank, world_size
+        self.last_pt = os.path.join(cfg.out_dir, "last.pt")
+        self.saved_at = time.time()
+        self.signal, self.stopping = None, False
+        # the per-step flags travel between the hosts (gloo), so asking never waits for the GPU
+        self.group = None
+        if world_size > 1 and dist.get_backend() != "gloo":
+            self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=cfg.dist_timeout))
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        # os.write, not print: the handler may interrupt a print (tqdm's) of the main thread
+        if self.signal is not None:
+            _say(f"rank {self.rank}: {signal.Signals(signum).name} again: exiting now, without a checkpoint of this "
+                 f"step (status {EXIT_FORCED})")
+            os._exit(EXIT_FORCED)
+        self.signal = signal.Signals(signum).name
+        deadline = threading.Timer(self.cfg.stop_timeout, self._deadline)
+        deadline.daemon = True
+        deadline.start()
+
+    def _deadline(self):
+        _say(f"rank {self.rank}: no checkpoint within stop_timeout {self.cfg.stop_timeout:g} s of {self.signal}: "
+             f"exiting without one (status {EXIT_FORCED})")
+        os._exit(EXIT_FORCED)
+
+    def due(self, step):
+        """Whether this step ends with a checkpoint: the same answer on every rank (the flags are all-reduced
+        between the hosts every step, a few microseconds with gloo). The epoch's last step is left to the
+        end-of-epoch save, unless a stop signal came."""
+        timed = (self.is_main and self.cfg.checkpoint_every_minutes > 0
+                 and time.time() - self.saved_at >= 60 * self.cfg.checkpoint_every_minutes)
+        flags = torch.tensor([float(self.signal is not None), float(timed)])
+        if self.world_size > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+        if flags[0] and not self.stopping and self.is_main:
+            print(f"{self.signal or 'a stop signal on another rank'}: writing a checkpoint after step {step}, then "
+                  f"exiting with status {EXIT_PREEMPTED}", file=sys.stderr, flush=True)
+        self.stopping = bool(flags[0])
+        every = self.cfg.checkpoint_every_steps
+        periodic = (every > 0 and step % every == 0) or bool(flags[1])
+        return self.stopping or (periodic and step % self.schedule["steps_per_epoch"] != 0)
+
+    def save(self, step):
+        """Call on every rank after metrics.read(step) (which stops the run on a non-finite loss): write the
+        checkpoint of `step`, prune old step files, and exit with EXIT_PREEMPTED if a stop signal came.
+        Non-finite weights or optimizer state are never written; nor is anything if the write fails (a full
+        disk): the run stops with the newest checkpoint as it was."""
+        tensors = [*self.model.state_dict().values(), *(t for s in self.optimizer.state.values()
+                                                        for t in s.values() if isinstance(t, torch.Tensor))]
+        finite = torch.stack([t.isfinite().all() for t in tensors if t.is_floating_point()]).all().float()
+        if dist.is_initialized():
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not finite.item():
+            raise SystemExit(f"error: the weights or the optimizer state are not finite after step {step}; stopped "
+                             f"without writing a checkpoint, so {self.cfg.out_dir} keeps the last good state. Lower "
+                             "--lr, lengthen --warmup_epochs or try --precision fp32, then run again to resume.")
+        spe = self.schedule["steps_per_epoch"]
+        error = ""
+        if self.is_main:
+            state = {"method": type(self.model).__name__, "model": self.model.state_dict(),
+                     "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                     "step": step, "epoch": step // spe, "config": dataclasses.asdict(self.cfg),
+                     "schedule": self.schedule, "rng": rng_states(self.device), "metrics": self.metrics.state_dict(),
+                     "backbone": self.model.backbone.state_dict(), "backbone_args": self.model.backbone_args}
+            try:
+                self._write(state, step, epoch=step // spe if step % spe == 0 else 0)
+            except (OSError, RuntimeError) as e:  # torch.save reports some failed writes as RuntimeError
+                error = f"could not write a checkpoint in {self.cfg.out_dir} ({getattr(e, 'strerror', None) or e})"
+        failed = torch.tensor([float(bool(error))])
+        if dist.is_initialized():
+            dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if failed.item():
+            raise SystemExit(f"error: {error or 'rank 0 could not write its checkpoint'}; stopped, and the checkpoints "
+                             "already written are intact. Free space (or fix the folder), then run again to resume.")
+        self.saved_at = time.time()
+        if self.stopping:
+            if self.is_main:
+                print(f"stopped on {self.signal or 'a stop signal'} after writing {self.last_pt} at step {step}; "
+                      "run the same command again to resume", file=sys.stderr, flush=True)
+            close_distributed()
+            raise SystemExit(EXIT_PREEMPTED)
+
+    def _write(self, state, step, epoch):
+        folder = self.cfg.out_dir
+        os.makedirs(folder, exist_ok=True)
+        step_file = os.path.join(folder, f"step_{step:08d}.pt")
+        save_checkpoint(state, step_file)
+        _link_or_copy(step_file, self.last_pt)
+        if epoch and (epoch % self.cfg.snapshot_every == 0 or epoch == self.cfg.epochs):
+            _link_or_copy(step_file, os.path.join(folder, f"epoch_{epoch:04d}.pt"))
+        old = sorted(n for n in os.listdir(folder) if re.fullmatch(r"step_\d+\.pt", n))[:-self.cfg.keep_checkpoints]
+        for name in old:
+            os.remove(os.path.join(folder, name))
+
+    def resume(self):
+        """Continue the run in cfg.out_dir, if it holds one and cfg.resume allows: load the newest intact
+        checkpoint into the model (with its buffers: EMA targets, queues, centres), the optimizer, the scaler,
+        the metrics and the random generators, after checking that it is a checkpoint of this method and
+        backbone, that the settings match (auto; true reports the changed ones and applies them) and that the
+        schedule continues (check_schedule). The optimizer keeps this run's group settings. Returns the step to
+        continue from: 0 for a new run."""
+        cfg, is_main = self.cfg, self.is_main
+        candidates = checkpoint_files(cfg.out_dir) if cfg.resume != "false" else []
+        if not candidates:
+            return 0
+        ckpt, path, skipped = None, None, []
+        for candidate in candidates:
+            try:
+                ckpt = load_checkpoint(candidate)
+                if not (isinstance(ckpt, dict) and {"model", "optimizer", "step", "config"} <= ckpt.keys()):
+                    raise UsageError(f"{candidate} is not a training checkpoint of these scripts")
+                path = candidate
+                break
+            except UsageError as e:
+                skipped.append(str(e))
+        if path is None:
+            raise UsageError(f"every checkpoint in {cfg.out_dir} is unreadable ({skipped[0]}); move them away to start "
+                             "a new run there")
+        if skipped and is_main:
+            print(f"warning: {'; '.join(skipped)}. Resuming from {path}, the newest intact checkpoint",
+                  file=sys.stderr, flush=True)
+        method, args = type(self.model).__name__, self.model.backbone_args
+        held = ckpt.get("method", method), ckpt.get("backbone_args") or args
+        if held != (method, args):
+            raise UsageError(f"{path} holds a run of {_describe(*held)}; this run is {_describe(method, args)}. "
+                             "Resume it with the script and settings it was trained with (its config.json), or "
+                             "choose another --out_dir")
+        changed = changed_settings(ckpt["config"], cfg)
+        if cfg.resume == "auto":
+            differing = changed_settings(ckpt["config"], cfg, ignore=RUN_ONLY_KEYS)
+            if differing:
+                raise UsageError(f"{cfg.out_dir} holds a run with other settings ({'; '.join(differing)}); pass "
+                                 "--resume true to continue it with these, or choose another --out_dir")
+        check_schedule(ckpt.get("schedule"), self.schedule, path, is_main)
+        load_state(self.model, ckpt["model"], path)
+        load_state(self.optimizer, ckpt["optimizer"], path)
+        if ckpt["scaler"] or not self.scaler.is_enabled():
+            load_state(self.scaler, ckpt["scaler"], path)
+        elif is_main:  # precision auto: bf16 where the run started, fp16 on this GPU
+            print("the checkpoint has no GradScaler state (it computed in bf16 or fp32): fp16 starts a fresh one",
+                  flush=True)
+        self.metrics.load_state_dict(ckpt.get("metrics") or {})
+        set_rng_states(ckpt["rng"], self.device)
+        if is_main:
+            if changed:  # e.g. a longer --epochs reshapes the schedule
+                print(f"resuming with changed settings: {'; '.join(changed)}", flush=True)
+            print(f"resuming from {path} at step {ckpt['step']}", flush=True)
+            trim_metrics(cfg.out_dir, ckpt["step"])
+            for name in os.listdir(cfg.out_dir):  # what a killed run was writing
+                if name.endswith(".pt.tmp"):
+                    os.remove(os.path.join(cfg.out_dir, name))
+        return ckpt["step"]
+
+
+def _number(value):
+    return "none yet" if value is None else f"{value:.6g}"
+
+
+def _say(message):
+    os.write(2, f"{message}\n".encode())
+
+
+def _link_or_copy(src, dst):
+    """Make dst the same file as src, atomically: a hard link (no copy) where the file system allows it."""
+    tmp = f"{dst}.tmp"
+    if os.path.lexists(tmp):
+        os.remove(tmp)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def trim_metrics(out_dir, step):
+    """Drop the lines of metrics.jsonl after `step`: the steps a killed run did after its last checkpoint, which
+    the resumed run does again."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.exists(path):
         return
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-             "step": step, "epoch": epoch, "config": dataclasses.asdict(cfg), "schedule": schedule,
-             "rng": rng_states(device), "backbone": model.backbone.state_dict(),
-             "backbone_args": model.backbone_args}
-    save_checkpoint(state, path)
-    if epoch % cfg.snapshot_every == 0 or epoch == cfg.epochs:
-        save_checkpoint(state, os.path.join(os.path.dirname(path), f"epoch_{epoch:04d}.pt"))
+    with open(path) as f:
+        lines = f.readlines()
+    kept = [line for line in lines if _step_of(line) <= step]
+    if len(kept) < len(lines):
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+
+
+def _step_of(line):
+    """The step of a metrics.jsonl line (0 for config lines), or infinity for a line a kill cut off."""
+    try:
+        return json.loads(line).get("step", 0)
+    except ValueError:
+        return math.inf
+
+
+@contextlib.contextmanager
+def lost_rank_errors():
+    """Wrap a script's entry point: when another process of a torchrun job dies or hangs, the collective this
+    rank waits in fails (at once, or after dist_timeout); say so in one line and exit with EXIT_LOST_RANK."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not (dist.is_initialized() and (isinstance(e, dist.DistError) or "gloo" in str(e) or "NCCL" in str(e))):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: rank {dist.get_rank()} lost contact with the other processes of this job: one stopped (see its "
+              f"error above) or did not answer within dist_timeout ({first}). Run again to resume from the last "
+              "checkpoint", file=sys.stderr, flush=True)
+        os._exit(EXIT_LOST_RANK)  # not SystemExit: tearing down a broken process group can hang
 
 
 class MetricLog:
@@ -190,21 +443,43 @@ class MetricLog:
 
 
 class StepMetrics:
-    """Per-step scalars of the training loop (the loss, a collapse monitor), kept on the device: the loop never
-    reads a value back, which on a GPU would stall its launch queue every step (fp16's GradScaler still checks
-    its gradients for inf on the host every step; bf16 and fp32 never wait). read() -- every log_every steps
-    and at the end of an epoch, on every rank -- averages them over the steps since the last read and over
-    ranks with one all_reduce, and stops the run, naming the step, if a loss was not finite. Between two reads
-    no checkpoint is written, so a non-finite loss never reaches one."""
+    """Per-step scalars of the training loop (the loss, the gradient norm, a collapse monitor), kept on the
+    device: the loop never reads a value back, which on a GPU would stall its launch queue every step (fp16's
+    GradScaler still checks its gradients for inf on the host every step; bf16 and fp32 never wait). read() --
+    every log_every steps, at a checkpoint and at the end of an epoch, on every rank -- averages them over the
+    steps since the last read and over ranks with one all_reduce, and stops the run, naming the step and the last
+    finite loss, if a loss or a gradient norm was not finite (fp16: the loss only; its GradScaler skips steps
+    whose gradients overflow and lowers its scale). No checkpoint is written between two reads, so a
+    non-finite step never reaches one. With skip_nonfinite > 0, add() instead checks every step on the host and
+    tells the loop to skip a non-finite one, at most skip_nonfinite times in a run."""
 
-    def __init__(self, out_dir):
-        self.out_dir = out_dir
+    def __init__(self, out_dir, precision="bf16", skip_nonfinite=0):
+        self.out_dir, self.skip_nonfinite = out_dir, skip_nonfinite
+        self.checked = ("loss",) if precision == "fp16" else ("loss", "grad_norm")
         self.window = {}  # name -> 0-d tensors, one per step since the last read
         self.epoch_totals = {}  # name -> [sum, count] over the steps read this epoch
+        self.skipped, self.last_loss = 0, None
 
     def add(self, **values):
+        """Keep this step's values; returns whether the step may be applied (False: a non-finite step to skip)."""
+        values = {name: value.detach().float() for name, value in values.items()}
+        if self.skip_nonfinite:  # a host sync per step: the price of skipping
+            checked = torch.stack([values[k] for k in self.checked if k in values])
+            bad = (~checked.isfinite()).any().float()
+            if dist.is_initialized():
+                dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+            if bad.item():
+                self.skipped += 1
+                if self.skipped > self.skip_nonfinite:
+                    raise SystemExit(f"error: more than skip_nonfinite={self.skip_nonfinite} steps had a non-finite "
+                                     f"loss or gradient (last finite loss {_number(self.last_loss)}); stopped without "
+                                     f"writing a checkpoint, so {self.out_dir} keeps the last good state")
+                print(f"warning: skipped a step with a non-finite loss or gradient ({self.skipped} of at most "
+                      f"{self.skip_nonfinite})", file=sys.stderr, flush=True)
+                return False
         for name, value in values.items():
-            self.window.setdefault(name, []).append(value.detach().float())
+            self.window.setdefault(name, []).append(value)
+        return True
 
     def read(self, step):
         """{'train/<name>': mean} over the steps since the last read; `step` is the number of steps done, as in
@@ -217,14 +492,18 @@ class StepMetrics:
             dist.all_reduce(table)
             table /= dist.get_world_size()
         table = table.cpu()
+        finite = torch.stack([table[names.index(k)].isfinite() for k in self.checked if k in names]).all(0)
+        if not finite.all():
+            bad = int((~finite).nonzero()[0])
+            losses = table[names.index("loss")][:bad] if "loss" in names else torch.zeros(0)
+            last = float(losses[-1]) if len(losses) else self.last_loss
+            what = ", ".join(f"{k} {float(table[names.index(k)][bad]):.6g}" for k in self.checked if k in names)
+            raise SystemExit(f"error: step {step - table.shape[1] + 1 + bad} was not finite ({what}; last finite "
+                             f"loss {_number(last)}); stopped without writing a checkpoint, so {self.out_dir} keeps "
+                             "the last good state. Lower --lr, lengthen --warmup_epochs or try --precision fp32, then "
+                             "run again to resume (or allow a few such steps with --skip_nonfinite N).")
         if "loss" in names:
-            losses = table[names.index("loss")]
-            bad = (~losses.isfinite()).nonzero().flatten().tolist()
-            if bad:
-                raise SystemExit(f"error: loss is {float(losses[bad[0]])} at step {step - len(losses) + 1 + bad[0]}; "
-                                 f"stopped without writing a checkpoint, so {os.path.join(self.out_dir, 'last.pt')} "
-                                 "keeps the last good state. Lower --lr, lengthen --warmup_epochs or try --precision "
-                                 "fp32, then --resume.")
+            self.last_loss = float(table[names.index("loss")][-1])
         for name, row in zip(names, table):
             total = self.epoch_totals.setdefault(name, [0.0, 0])
             total[0] += float(row.sum())
@@ -237,6 +516,15 @@ class StepMetrics:
         means = {f"train/epoch_{name}": total / count for name, (total, count) in self.epoch_totals.items()}
         self.epoch_totals = {}
         return means
+
+    def state_dict(self):
+        """What a checkpoint keeps (after a read): the epoch's running sums, the skipped steps, the last loss."""
+        assert not self.window, "read() the metrics before saving them"
+        return {"epoch_totals": self.epoch_totals, "skipped": self.skipped, "last_loss": self.last_loss}
+
+    def load_state_dict(self, state):
+        self.epoch_totals = {k: list(v) for k, v in state.get("epoch_totals", {}).items()}
+        self.skipped, self.last_loss = state.get("skipped", 0), state.get("last_loss")
 
 
 def rng_states(device):
@@ -262,10 +550,25 @@ def set_rng_states(states, device):
 
 
 def save_checkpoint(state, path):
-    """Atomic: write a temporary file, then rename it over `path`, so a crash never leaves half a file."""
+    """Atomic and durable: write a temporary file, flush it to disk, rename it over `path` and flush the folder,
+    so neither a kill nor a crash nor a full disk ever leaves half a file under `path` (a failed write removes its
+    temporary file and raises)."""
     tmp = f"{path}.tmp"
-    torch.save(state, tmp)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
     os.replace(tmp, path)
+    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def load_checkpoint(path):
@@ -346,6 +649,11 @@ def load_backbone(path, arch="", image_size=0, cifar_stem="", patch_size=0):
     problem = _mismatch(backbone, state)
     if problem:
         built = ", ".join(f"{k}={v}" for k, v in args.items())
+        if stored:  # a checkpoint overridden by --arch, --image_size, ...: say what it holds
+            held = ", ".join(f"{k}={v}" for k, v in stored.items())
+            raise UsageError(f"{path} holds the trunk of a {obj.get('method', 'pre-training')} run with {held}; the "
+                             f"options ask for {built}, which its weights do not fit ({problem}). Leave out --arch, "
+                             "--image_size, --cifar_stem and --patch_size to use the checkpoint's")
         raise UsageError(f"the weights in {path} do not fit the backbone {built}: {problem}. Check --arch, "
                          "--image_size, --cifar_stem and --patch_size; a plain state_dict must hold the trunk "
                          "only (no fc.* / heads.*)")

@@ -45,6 +45,11 @@ def case_of(method):
     return importlib.import_module(f"case_{method}").CASE
 
 
+# the `trained` runs (conftest.py): a snapshot every epoch, the kNN monitor at epoch 2, a checkpoint every 3 steps
+# (mid-epoch: steps 3 and 6 of 4 an epoch), and every checkpoint kept
+TRAINED_ARGS = ("--snapshot_every", "1", "--knn_every", "2", "--checkpoint_every_steps", "3", "--keep_checkpoints", "4")
+
+
 def quick_args(method, out_dir, *extra, epochs=2):
     """The command line of a short run of `method`.py on synthetic data: 64 images, batch 16 per rank, the
     method's small heads, then `extra`."""

@@ -24,8 +24,8 @@ import pytest
 import torch
 from PIL import Image
 
-from battery import case_of, quick_args, run_ranks
-from helpers import REPO, assert_clean_error, assert_one_line_error, read_jsonl, run_script, run_torchrun
+from battery import TRAINED_ARGS, case_of, quick_args, run_ranks
+from helpers import REPO, assert_clean_error, assert_one_line_error, read_jsonl, run_script
 
 METHODS = ["simclr", "byol", "simsiam", "barlow"]  # to add one: write tests/case_<method>.py, add it here
 
@@ -73,41 +73,14 @@ def test_distributed_equals_single_process(method):
             torch.testing.assert_close(r["buffers"][name], value)
 
 
-# ---- (3) end to end, one process and torchrun ----
-class Runs(dict):
-    """One uninterrupted 2-epoch run per method, a snapshot every epoch, made the first time a test asks for
-    that method and shared by the tests that follow: in one process (batch 16, the kNN monitor at epoch 2),
-    or under torchrun with 2 ranks x 16 (a line in metrics.jsonl every step)."""
-
-    def __init__(self, root, ranks):
-        super().__init__()
-        self.root, self.ranks = root, ranks
-
-    def __missing__(self, method):
-        out = self.root / method / "run"
-        if self.ranks == 1:
-            result = run_script(quick_args(method, out, "--snapshot_every", "1", "--knn_every", "2"))
-        else:
-            result = run_torchrun(self.ranks, quick_args(method, out, "--snapshot_every", "1", "--log_every", "1"))
-        assert result.returncode == 0, result.stderr[-3000:]
-        self[method] = out
-        return out
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    return Runs(tmp_path_factory.mktemp("trained"), ranks=1)
-
-
-@pytest.fixture(scope="module")
-def trained_torchrun(tmp_path_factory):
-    return Runs(tmp_path_factory.mktemp("torchrun"), ranks=2)
-
-
+# ---- (3) end to end, one process and torchrun (the runs: conftest.py) ----
 @pytest.mark.parametrize("method", METHODS)
 def test_end_to_end_one_process(method, trained):
     out = trained[method]
-    assert (out / "last.pt").exists() and (out / "epoch_0001.pt").exists() and (out / "epoch_0002.pt").exists()
+    files = sorted(p.name for p in out.glob("*.pt"))  # a checkpoint every 3 steps and at each epoch's end (4 steps)
+    assert files == ["epoch_0001.pt", "epoch_0002.pt", "last.pt", "step_00000003.pt", "step_00000004.pt",
+                     "step_00000006.pt", "step_00000008.pt"]
+    assert (out / "last.pt").samefile(out / "step_00000008.pt") and not list(out.glob("*.tmp"))
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["step"] == 2 * (64 // 16)
     assert ckpt["schedule"] == {"world_size": 1, "global_batch": 16, "steps_per_epoch": 4, "total_steps": 8,
@@ -137,26 +110,40 @@ def test_end_to_end_torchrun(method, trained_torchrun):
 
 
 # ---- (4) resume gives exactly the uninterrupted weights, and the same schedule on another world size ----
-@pytest.mark.parametrize("method", METHODS)
-def test_resume_is_exact(method, trained, tmp_path):
-    """Resume from the epoch-1 snapshot of the uninterrupted run, as a run stopped during epoch 2 would.
-    The resumed run uses 2 data-loading workers where the first used none: views must not depend on it."""
-    run = tmp_path / "run"
-    run.mkdir()
-    shutil.copy(trained[method] / "epoch_0001.pt", run / "last.pt")
-    args = quick_args(method, run, "--resume")
-    args[args.index("--num_workers") + 1] = "2"
-    result = run_script(args)
-    assert result.returncode == 0, result.stderr[-3000:]
-    resumed = torch.load(run / "last.pt", weights_only=True)
-    straight = torch.load(trained[method] / "last.pt", weights_only=True)
+def assert_same_training_state(resumed, straight):
+    """Two checkpoints hold bit-identical weights, buffers and optimizer state, at the same step."""
     assert resumed["step"] == straight["step"]
     for key in ("model", "backbone"):
         assert resumed[key].keys() == straight[key].keys()
         for name in straight[key]:
             assert torch.equal(resumed[key][name], straight[key][name]), f"{key}.{name} differs after resume"
-    for a, b in zip(resumed["optimizer"]["state"].values(), straight["optimizer"]["state"].values()):
+    for a, b in zip(resumed["optimizer"]["state"].values(), straight["optimizer"]["state"].values(), strict=True):
         assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+@pytest.mark.parametrize("stopped_after, workers", [(3, 2), (6, 0)])
+@pytest.mark.parametrize("method", METHODS)
+def test_resume_is_exact(method, stopped_after, workers, trained, tmp_path):
+    """A run stopped after step 3 (mid epoch 1) or 6 (mid epoch 2), its newest checkpoint that step's, runs the
+    same command again (resume: auto): it skips the batches already done and ends with exactly the weights of
+    the uninterrupted run, and the same epoch means in metrics.jsonl. The resumed run uses 2 data-loading
+    workers where the first used none, or the other way round: views must not depend on it."""
+    run = tmp_path / "run"
+    run.mkdir()
+    name = f"step_{stopped_after:08d}.pt"
+    shutil.copy(trained[method] / name, run / name)
+    args = quick_args(method, run, *TRAINED_ARGS)
+    args[args.index("--num_workers") + 1] = str(workers)
+    result = run_script(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming from {run / name} at step {stopped_after}" in result.stdout
+    assert_same_training_state(torch.load(run / "last.pt", weights_only=True),
+                               torch.load(trained[method] / "last.pt", weights_only=True))
+
+    def epoch_means(out):
+        return [line["train/epoch_loss"] for line in metrics_of(out) if "train/epoch_loss" in line]
+
+    assert epoch_means(run) == epoch_means(trained[method])[stopped_after // 4:]  # epochs completed after
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -228,11 +215,12 @@ BAD_INPUT = {
     "kNN monitor without val/": lambda m, t, tmp: (
         quick_args(m, tmp / "a", "--dataset", "folder", "--data_dir", _folder_without_val(tmp / "d"),
                    "--knn_every", "1"), "evaluation needs a val/ sub-folder"),
-    "existing run without --resume": lambda m, t, tmp: (quick_args(m, t[m]), "--resume"),
+    "existing run, other settings": lambda m, t, tmp: (quick_args(m, t[m], *TRAINED_ARGS, "--lr", "0.123"),
+                                                       "holds a run with other settings (lr: "),
     "corrupt checkpoint": lambda m, t, tmp: (
         quick_args(m, _resume_copy(t, m, tmp, b"\x00not a checkpoint" * 10), "--resume"), "cannot read checkpoint"),
     "checkpoint of another arch": lambda m, t, tmp: (
-        quick_args(m, _resume_copy(t, m, tmp), "--resume", "--arch", "resnet34"), "does not fit this run's"),
+        quick_args(m, _resume_copy(t, m, tmp), "--resume", "--arch", "resnet34"), "with a resnet18 at 32 px; this"),
     "resume with another global batch": lambda m, t, tmp: (
         quick_args(m, _resume_copy(t, m, tmp), "--resume", "--batch_size", "8"), "global batch of 16"),
 }
@@ -264,8 +252,8 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(method, trained, tmp_pat
     before = _files(run)
     blown = run_script(quick_args(method, run, "--optimizer", "sgd", "--resume", "--lr", "1e30",
                                   "--warmup_epochs", "0", "--log_every", "1"))
-    assert_clean_error(blown, "error: loss is ")
-    assert " at step " in blown.stderr and "keeps the last good state" in blown.stderr
+    assert_clean_error(blown, "error: step ")
+    assert " was not finite (loss " in blown.stderr and "keeps the last good state" in blown.stderr
     assert "resuming with changed settings: " in blown.stdout and "lr: " in blown.stdout
     assert [p.name for p in run.iterdir() if p.suffix in (".pt", ".tmp")] == ["last.pt"]  # no snapshot, no .tmp
     assert _files(run)[run / "last.pt"] == before[run / "last.pt"]  # last.pt untouched

@@ -17,7 +17,7 @@ from common.config import ConfigError, UsageError, load_config, usage
 from common.data import EpochSampler, SeededViews, Synthetic, build_dataset, labels_of, pretrain_loader, subset
 from common.knn import knn_predict, topk_correct
 from common.runtime import (StepMetrics, changed_settings, check_schedule, load_checkpoint, resolve_precision,
-                            rng_states, save_checkpoint, save_training_state, set_rng_states)
+                            rng_states, save_checkpoint, set_rng_states)
 
 
 @dataclass
@@ -27,13 +27,6 @@ class Demo:
     name: str = "x"  # a name
     flag: bool = False  # a switch
     scale: tuple[float, float] = (0.08, 1.0)  # crop scale
-
-
-def tiny_model():
-    """What save_training_state needs of a model: parameters, and a `backbone` with its `backbone_args`."""
-    model = nn.Linear(3, 2)
-    model.backbone, model.backbone_args = nn.Identity(), {}
-    return model
 
 
 @dataclass
@@ -46,7 +39,13 @@ class RunDemo:
     snapshot_every: int = 100
     knn_every: int = 0
     out_dir: str = "runs/demo"
-    resume: bool = False
+    resume: str = "auto"
+    keep_checkpoints: int = 2
+    checkpoint_every_steps: int = 0
+    checkpoint_every_minutes: float = 30.0
+    skip_nonfinite: int = 0
+    stop_timeout: float = 120.0
+    dist_timeout: float = 600.0
 
 
 # ---- config ----
@@ -259,16 +258,17 @@ def test_pretrain_loader_global_batches_do_not_depend_on_ranks():
     resumed on another number of ranks with the same global batch sees what the uninterrupted run saw."""
     from types import SimpleNamespace
     cfg = SimpleNamespace(dataset="synthetic", data_dir="", download=False, image_size=8, subset=70, seed=3,
-                          num_workers=0)
+                          bad_images="stop", num_workers=0)
     views = two_views("sym", 8, "synthetic")
 
-    def batches(batch_size, world_size, epoch):
+    def batches(batch_size, world_size, epoch, done=0):
         per_rank = []
         for rank in range(world_size):
             loader = pretrain_loader(SimpleNamespace(**vars(cfg), batch_size=batch_size), views, rank, world_size,
                                      torch.device("cpu"))
-            loader.sampler.set_epoch(epoch)
+            loader.sampler.set_epoch(epoch, skip=done * batch_size)
             per_rank.append(list(loader.batch_sampler))
+            assert len(loader) == len(per_rank[-1])
         return [sorted(key for rank in step for key in rank) for step in zip(*per_rank)]
 
     for epoch in (0, 5):
@@ -276,6 +276,9 @@ def test_pretrain_loader_global_batches_do_not_depend_on_ranks():
         assert len(one) == len(two) == 70 // 32 and one == two
         assert all(e == epoch for step in one for e, _ in step)
     assert batches(32, 1, 0) != batches(32, 1, 1)  # a new permutation every epoch
+    # a mid-epoch resume after global batch 1, on either split: the rest of the same epoch
+    assert batches(16, 2, 5, done=1) == batches(32, 1, 5, done=1) == batches(32, 1, 5)[1:]
+    assert batches(16, 2, 5, done=2) == []
     with pytest.raises(UsageError, match="make no full batch of 64 x 2 ranks"):
         pretrain_loader(SimpleNamespace(**vars(cfg), batch_size=64), views, 0, 2, torch.device("cpu"))
 
@@ -372,7 +375,8 @@ def test_step_metrics_average_and_stop_at_the_first_non_finite_loss(tmp_path):
     assert metrics.read(step=4) == {}
     for loss in (1.0, float("nan"), float("inf")):
         metrics.add(loss=torch.tensor(loss))
-    with pytest.raises(SystemExit, match=r"error: loss is nan at step 12; stopped without writing a checkpoint"):
+    with pytest.raises(SystemExit, match=r"error: step 12 was not finite \(loss nan; last finite loss 1\); stopped "
+                                         "without writing a checkpoint"):
         metrics.read(step=13)  # steps 11, 12, 13, counted as in metrics.jsonl
 
 
@@ -386,24 +390,6 @@ def test_schedule_check_allows_another_split_of_the_same_global_batch(capsys):
         check_schedule(saved, dict(saved, world_size=8, global_batch=512), "last.pt")
     with pytest.raises(UsageError, match="195 steps per epoch; this run's data give 97"):
         check_schedule(saved, dict(saved, steps_per_epoch=97), "last.pt")
-
-
-def test_non_finite_weights_are_never_written(tmp_path):
-    model = tiny_model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    path = tmp_path / "last.pt"
-    with torch.no_grad():
-        model.weight[0, 0] = float("inf")
-    with pytest.raises(SystemExit, match="the weights or the optimizer state are not finite after step 7 .*"
-                                         "keeps the last good state"):
-        save_training_state(str(path), RunDemo(), {}, 7, 2, model, optimizer, scaler, torch.device("cpu"), True)
-    with torch.no_grad():  # finite weights, a NaN momentum buffer (a group at lr 0 keeps its weights finite)
-        model.weight[0, 0] = 1.0
-    optimizer.state[model.weight]["momentum_buffer"] = torch.full_like(model.weight, float("nan"))
-    with pytest.raises(SystemExit, match="not finite after step 8"):
-        save_training_state(str(path), RunDemo(), {}, 8, 2, model, optimizer, scaler, torch.device("cpu"), True)
-    assert not list(tmp_path.iterdir())
 
 
 def _sharded_knn(rank, world_size, bank, labels, queries, k):
@@ -444,37 +430,22 @@ def test_resumed_optimizer_keeps_this_runs_settings():
         load_state(two_groups, saved.state_dict(), "last.pt")
 
 
-def test_resume_of_a_bf16_run_in_fp16_starts_a_fresh_grad_scaler(tmp_path, capsys):
-    """precision auto: a run started in bf16 (no GradScaler state) and resumed where fp16 is chosen (V100) goes
-    on with a fresh scaler instead of failing on the empty state; the weights and the step come back."""
-    from common.runtime import resume_training
-    torch.manual_seed(0)
-    model = tiny_model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    schedule = {"world_size": 1, "global_batch": 16, "steps_per_epoch": 4, "total_steps": 8, "peak_lr": 0.1}
-    path = str(tmp_path / "last.pt")
-    bf16 = torch.amp.GradScaler("cpu", enabled=False)
-    save_training_state(path, RunDemo(), schedule, 4, 1, model, optimizer, bf16, torch.device("cpu"), True)
-    fresh = nn.Linear(3, 2)
-    fp16 = torch.amp.GradScaler("cpu", enabled=True)
-    step, epoch = resume_training(path, RunDemo(), schedule, fresh, torch.optim.SGD(fresh.parameters(), lr=0.1), fp16,
-                                  torch.device("cpu"), True)
-    assert (step, epoch) == (4, 1) and torch.equal(fresh.weight, model.weight)
-    assert "fp16 starts a fresh one" in capsys.readouterr().out and fp16.get_scale() == 65536.0
-
-
 @pytest.mark.parametrize("key, value, message", [
     ("log_every", 0, "log_every must be at least 1, got 0"),
     ("snapshot_every", 0, "snapshot_every must be at least 1, got 0"),
     ("epochs", -1, "epochs must be at least 1, got -1"),
-    ("knn_every", -2, "knn_every and warmup_epochs must not be negative"),
+    ("knn_every", -2, "knn_every must not be negative, got -2"),
+    ("keep_checkpoints", 0, "keep_checkpoints must be at least 1, got 0"),
+    ("checkpoint_every_steps", -1, "checkpoint_every_steps must not be negative, got -1"),
+    ("stop_timeout", 0, "stop_timeout must be a positive number of seconds, got 0"),
 ])
 def test_run_settings_are_checked_before_anything_runs(tmp_path, key, value, message):
     from common.runtime import check_run
     with pytest.raises(UsageError, match=message):
         check_run(RunDemo(out_dir=str(tmp_path / "run"), **{key: value}))
     assert not (tmp_path / "run").exists()
-    assert check_run(RunDemo(out_dir=str(tmp_path / "run"))) == str(tmp_path / "run" / "last.pt")
+    check_run(RunDemo(out_dir=str(tmp_path / "run")))  # a new run: nothing created yet
+    assert not (tmp_path / "run").exists()
 
 
 def test_knn_monitor_checks_its_splits_when_it_is_made(tmp_path):
@@ -484,7 +455,7 @@ def test_knn_monitor_checks_its_splits_when_it_is_made(tmp_path):
     from common.knn import KnnMonitor
     _write_images(tmp_path / "photos", 4)
     cfg = SimpleNamespace(knn_every=1, dataset="folder", data_dir=str(tmp_path / "photos"), download=False,
-                          image_size=8)
+                          image_size=8, bad_images="stop")
     with pytest.raises(UsageError, match="the train split of folder .* is empty or unlabelled; kNN and the "
                                          "linear probe need labels"):
         KnnMonitor(cfg, 0, 1, torch.device("cpu"), "fp32")

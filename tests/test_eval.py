@@ -123,3 +123,29 @@ def test_corrupt_checkpoint(script, tmp_path):
 def test_missing_checkpoint(tmp_path):
     assert_one_line_error(run_script(["knn_eval.py", "--checkpoint", tmp_path / "nope.pt", *DATA]),
                           "does not exist")
+
+
+@pytest.mark.parametrize("script, option", [("knn_eval.py", ["--arch", "resnet34"]),
+                                            ("linear_eval.py", ["--cifar_stem", "false"])])
+def test_a_checkpoint_of_another_backbone_says_what_it_holds(script, option, checkpoint):
+    """The checkpoint holds a ResNet-18 with the CIFAR stem; another arch, or the ImageNet stem (other conv1
+    weights), does not fit: one line with what it holds and what was asked for. (A ResNet evaluates at any
+    --image_size: it pools globally.)"""
+    result = run_script([script, "--checkpoint", checkpoint, *DATA, *option])
+    assert_one_line_error(result, "holds the trunk of a SimCLR run with arch=resnet18, image_size=32, cifar_stem=")
+    assert "the options ask for arch=" in result.stderr and "Leave out --arch, --image_size" in result.stderr
+
+
+def test_a_vit_checkpoint_at_another_image_size_says_what_it_holds(tmp_path):
+    """A ViT's position embeddings fix its image size: 64 px for a trunk trained at 32 px does not fit."""
+    from common.backbones import backbone_args, build_backbone
+    from common.config import UsageError
+    from common.runtime import load_backbone
+    args = backbone_args("vit_tiny", 32, patch_size=8)
+    trunk, _ = build_backbone(**args)
+    torch.save({"method": "DINO", "backbone": trunk.state_dict(), "backbone_args": args}, tmp_path / "last.pt")
+    assert load_backbone(str(tmp_path / "last.pt"))[2] == args
+    with pytest.raises(UsageError, match=r"holds the trunk of a DINO run with arch=vit_tiny, image_size=32, "
+                                         r"cifar_stem=False, patch_size=8; the options ask for arch=vit_tiny, "
+                                         r"image_size=64.* \(1 shape mismatches"):
+        load_backbone(str(tmp_path / "last.pt"), image_size=64)
