@@ -93,7 +93,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what SLURM and spot-instance 
 # where they differ (a re-queued job on another node, with more data workers, a new data path, ...)
 RUN_ONLY_KEYS = ("resume", "out_dir", "data_dir", "download", "num_workers", "compile", "log_every", "knn_every",
                  "checkpoint_every_steps", "checkpoint_every_minutes", "keep_checkpoints", "stop_timeout",
-                 "dist_timeout", "bad_images")
+                 "dist_timeout", "bad_images", "skip_nonfinite")
 
 
 def check_run(cfg):
@@ -271,7 +271,7 @@ class Checkpointer:
         if not finite.item():
             raise SystemExit(f"error: the weights or the optimizer state are not finite after step {step}; stopped "
                              f"without writing a checkpoint, so {self.cfg.out_dir} keeps the last good state. Lower "
-                             "--lr, lengthen --warmup_epochs or try --precision fp32, then run again to resume.")
+                             "--lr, lengthen --warmup_epochs or try --precision fp32, and continue with --resume true.")
         spe = self.schedule["steps_per_epoch"]
         error = ""
         if self.is_main:
@@ -284,7 +284,7 @@ class Checkpointer:
                 self._write(state, step, epoch=step // spe if step % spe == 0 else 0)
             except (OSError, RuntimeError) as e:  # torch.save reports some failed writes as RuntimeError
                 error = f"could not write a checkpoint in {self.cfg.out_dir} ({getattr(e, 'strerror', None) or e})"
-        failed = torch.tensor([float(bool(error))])
+        failed = torch.tensor([float(bool(error))], device=finite.device)  # NCCL reduces GPU tensors only
         if dist.is_initialized():
             dist.all_reduce(failed, op=dist.ReduceOp.MAX)
         if failed.item():
@@ -500,8 +500,8 @@ class StepMetrics:
             what = ", ".join(f"{k} {float(table[names.index(k)][bad]):.6g}" for k in self.checked if k in names)
             raise SystemExit(f"error: step {step - table.shape[1] + 1 + bad} was not finite ({what}; last finite "
                              f"loss {_number(last)}); stopped without writing a checkpoint, so {self.out_dir} keeps "
-                             "the last good state. Lower --lr, lengthen --warmup_epochs or try --precision fp32, then "
-                             "run again to resume (or allow a few such steps with --skip_nonfinite N).")
+                             "the last good state. Lower --lr, lengthen --warmup_epochs or try --precision fp32 and "
+                             "continue with --resume true, or run again with --skip_nonfinite N to skip such steps.")
         if "loss" in names:
             self.last_loss = float(table[names.index("loss")][-1])
         for name, row in zip(names, table):
