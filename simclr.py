@@ -323,8 +323,8 @@ def train(cfg):
                 checkpointer.save(step)  # after a stop signal, it then exits (status 75)
         log.write(step=step, epoch=epoch + 1, **metrics.read_epoch(step),
                   **{"train/images_per_s": global_batch * len(loader) / (time.time() - tic)})
+        checkpointer.save(step)  # before the kNN check: after a stop signal, it exits (status 75) at once
         knn_monitor.after_epoch(epoch + 1, step, model.backbone, log)
-        checkpointer.save(step)
     close_distributed()
 
 

@@ -307,8 +307,8 @@ def train(cfg):
                        f"below {cfg.collapse_warn} x 1/sqrt({cfg.proj_dim}) = {cfg.collapse_warn * healthy_z_std:.5f}: "
                        "the outputs are collapsing to a constant (the paper's Fig. 2). Check the stop-gradient and "
                        "the predictor, or lower --lr.", file=sys.stderr)
+        checkpointer.save(step)  # before the kNN check: after a stop signal, it exits (status 75) at once
         knn_monitor.after_epoch(epoch + 1, step, model.backbone, log)
-        checkpointer.save(step)
     close_distributed()
 
 

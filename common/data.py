@@ -85,7 +85,10 @@ def _reason(e):
 
 
 class ReadableImages(Dataset):
-    """A folder data set (ImageFolder or ImageFiles) whose unreadable files are reported by their path.
+    """A folder data set (ImageFolder or ImageFiles) whose unreadable files are reported by their path. A file
+    PIL cannot decode (not an image, cut short) is the image's fault; a failed system call (an I/O error, a stale
+    network handle, a missing permission) is the storage's, and always stops the run, as skipping it would make
+    the run depend on the storage's mood.
 
     bad_images="stop": reading one raises a UsageError naming the file. "skip": item i is the next readable
     image from i on (i + 1, i + 2, ..., wrapping around) with that image's label, with a one-line warning per bad
@@ -108,6 +111,9 @@ class ReadableImages(Dataset):
                 return self.dataset[k]
             except UNREADABLE as e:
                 path, reason = self.samples[k][0], _reason(e)
+                if getattr(e, "errno", None) is not None:  # the file system failed (EIO, ESTALE, EACCES), not PIL
+                    raise UsageError(f"cannot read image {path} ({reason}): the storage failed, not the image; "
+                                     "check it, then run again to resume") from None
                 if self.bad_images == "stop":
                     raise UsageError(f"cannot read image {path} ({reason}); delete or replace the file, or pass "
                                      "--bad_images skip to use the next image in its place") from None

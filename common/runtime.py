@@ -36,12 +36,14 @@ def init_distributed(timeout=600.0):
         return 0, 1, device
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    timeout = datetime.timedelta(seconds=timeout)
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank), timeout=timeout)
+        # NCCL's watchdog aborts the process when a collective times out (torchrun turns that on): a minute more
+        # than the host-side gloo flags of Checkpointer.due(), so that a hung rank is usually reported by them
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank),
+                                timeout=datetime.timedelta(seconds=timeout + 60))
         return rank, world_size, torch.device("cuda", local_rank)
-    dist.init_process_group("gloo", timeout=timeout)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout))
     return rank, world_size, torch.device("cpu")
 
 
@@ -89,6 +91,9 @@ EXIT_PREEMPTED = 75  # SIGTERM / SIGUSR1: a checkpoint of the last step was writ
 EXIT_FORCED = 76  # a second signal, or no checkpoint within stop_timeout: exited without one
 EXIT_LOST_RANK = 77  # another process of the job died or did not answer within dist_timeout
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what SLURM and spot-instance agents send before a kill
+# the same signal again within this many seconds is the first one twice: SLURM signals every process of a job,
+# and torchrun forwards what it gets to its workers
+DUPLICATE_SIGNAL_S = 3.0
 # settings that change how a run is carried out, not what it computes: `resume: auto` continues a run even
 # where they differ (a re-queued job on another node, with more data workers, a new data path, ...)
 RUN_ONLY_KEYS = ("resume", "out_dir", "data_dir", "download", "num_workers", "compile", "log_every", "knn_every",
@@ -131,22 +136,27 @@ def _check_writable(folder):
         if not os.path.isdir(existing):
             raise NotADirectoryError(errno.ENOTDIR, f"{existing} is a file")
         fd, probe = tempfile.mkstemp(dir=existing, prefix=".write_test_")
-        os.close(fd)
-        os.remove(probe)
+        try:  # data blocks, not just a name: a full disk fails here
+            os.write(fd, bytes(2**20))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.remove(probe)
     except OSError as e:
         raise UsageError(f"cannot write the run folder {folder} ({e.strerror or e}); choose another "
                          "--out_dir") from None
 
 
 def checkpoint_files(folder):
-    """The checkpoints in a run folder, the one to resume from first: last.pt, then step_XXXXXXXX.pt and
-    epoch_XXXX.pt (earlier snapshots), newest first."""
+    """The checkpoints in a run folder, the one to resume from first: step_XXXXXXXX.pt newest first (the newest
+    is last.pt's file, or newer if a kill came between writing it and linking last.pt), last.pt (a run of an
+    earlier version has no step files), then the epoch_XXXX.pt snapshots, newest first."""
     if not os.path.isdir(folder):
         return []
     names = os.listdir(folder)
     steps = sorted((n for n in names if re.fullmatch(r"step_\d+\.pt", n)), reverse=True)
     epochs = sorted((n for n in names if re.fullmatch(r"epoch_\d+\.pt", n)), reverse=True)
-    return [os.path.join(folder, n) for n in (["last.pt"] if "last.pt" in names else []) + steps + epochs]
+    return [os.path.join(folder, n) for n in steps + (["last.pt"] if "last.pt" in names else []) + epochs]
 
 
 def write_run_config(cfg, is_main, **derived):
@@ -154,10 +164,11 @@ def write_run_config(cfg, is_main, **derived):
     a line of metrics.jsonl (one per start, so a resumed run keeps the history of its settings). Called once
     the run has started (and a resume has succeeded), so a refused start leaves config.json as it was."""
     if is_main:
-        os.makedirs(cfg.out_dir, exist_ok=True)
         resolved = {**dataclasses.asdict(cfg), **derived, "git_commit": git_commit()}
-        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            json.dump(resolved, f, indent=2)
+        try:
+            write_json(resolved, os.path.join(cfg.out_dir, "config.json"))  # atomic, and creates the folder
+        except OSError as e:
+            raise SystemExit(f"error: could not write {cfg.out_dir}/config.json ({e.strerror or e})") from None
         MetricLog(cfg.out_dir, is_main).write(event="config", **resolved)
 
 
@@ -207,8 +218,9 @@ class Checkpointer:
       epoch_XXXX.pt     at the end of every cfg.snapshot_every-th epoch and of the last one; never deleted
     When: due(step) after every step -- every cfg.checkpoint_every_steps steps, every cfg.checkpoint_every_minutes
     (rank 0's clock), and after SIGTERM or SIGUSR1 on any rank -- and save(step) at the end of every epoch.
-    After a stop signal, save() exits with EXIT_PREEMPTED; a second signal, or cfg.stop_timeout seconds without
-    getting there, exits at once with EXIT_FORCED (a checkpoint being written stays a temporary file).
+    After a stop signal, save() exits with EXIT_PREEMPTED; a second signal (another one, or the same one again
+    after DUPLICATE_SIGNAL_S), or cfg.stop_timeout seconds without getting there, exits at once with EXIT_FORCED
+    (a checkpoint being written stays a temporary file).
     resume() loads the newest intact checkpoint; a truncated or corrupt one is named and passed over."""
 
     def __init__(self, cfg, schedule, model, optimizer, scaler, metrics, device, rank, world_size):
@@ -217,7 +229,8 @@ class Checkpointer:
         self.is_main, self.rank, self.world_size = rank == 0, rank, world_size
         self.last_pt = os.path.join(cfg.out_dir, "last.pt")
         self.saved_at = time.time()
-        self.signal, self.stopping = None, False
+        self.signal, self.signal_at, self.stopping, self.deadline = None, 0.0, False, None
+        self.pid = os.getpid()  # a DataLoader worker forked before its worker_init_fn inherits the handler
         # the per-step flags travel between the hosts (gloo), so asking never waits for the GPU
         self.group = None
         if world_size > 1 and dist.get_backend() != "gloo":
@@ -227,14 +240,19 @@ class Checkpointer:
 
     def _on_signal(self, signum, frame):
         # os.write, not print: the handler may interrupt a print (tqdm's) of the main thread
+        if os.getpid() != self.pid:
+            return
+        name = signal.Signals(signum).name
         if self.signal is not None:
-            _say(f"rank {self.rank}: {signal.Signals(signum).name} again: exiting now, without a checkpoint of this "
-                 f"step (status {EXIT_FORCED})")
+            if name == self.signal and time.monotonic() - self.signal_at < DUPLICATE_SIGNAL_S:
+                return  # the scheduler's signal, forwarded once more by torchrun
+            _say(f"rank {self.rank}: {name} after {self.signal}: exiting now, without a checkpoint of this step "
+                 f"(status {EXIT_FORCED})")
             os._exit(EXIT_FORCED)
-        self.signal = signal.Signals(signum).name
-        deadline = threading.Timer(self.cfg.stop_timeout, self._deadline)
-        deadline.daemon = True
-        deadline.start()
+        self.signal, self.signal_at = name, time.monotonic()
+        self.deadline = threading.Timer(self.cfg.stop_timeout, self._deadline)
+        self.deadline.daemon = True
+        self.deadline.start()
 
     def _deadline(self):
         _say(f"rank {self.rank}: no checkpoint within stop_timeout {self.cfg.stop_timeout:g} s of {self.signal}: "
@@ -244,7 +262,7 @@ class Checkpointer:
     def due(self, step):
         """Whether this step ends with a checkpoint: the same answer on every rank (the flags are all-reduced
         between the hosts every step, a few microseconds with gloo). The epoch's last step is left to the
-        end-of-epoch save, unless a stop signal came."""
+        end-of-epoch save, which exits after a stop signal too, once the epoch is logged."""
         timed = (self.is_main and self.cfg.checkpoint_every_minutes > 0
                  and time.time() - self.saved_at >= 60 * self.cfg.checkpoint_every_minutes)
         flags = torch.tensor([float(self.signal is not None), float(timed)])
@@ -256,7 +274,7 @@ class Checkpointer:
         self.stopping = bool(flags[0])
         every = self.cfg.checkpoint_every_steps
         periodic = (every > 0 and step % every == 0) or bool(flags[1])
-        return self.stopping or (periodic and step % self.schedule["steps_per_epoch"] != 0)
+        return (self.stopping or periodic) and step % self.schedule["steps_per_epoch"] != 0
 
     def save(self, step):
         """Call on every rank after metrics.read(step) (which stops the run on a non-finite loss): write the
@@ -265,7 +283,8 @@ class Checkpointer:
         disk): the run stops with the newest checkpoint as it was."""
         tensors = [*self.model.state_dict().values(), *(t for s in self.optimizer.state.values()
                                                         for t in s.values() if isinstance(t, torch.Tensor))]
-        finite = torch.stack([t.isfinite().all() for t in tensors if t.is_floating_point()]).all().float()
+        finite = torch.stack([t.isfinite().all().to(self.device) for t in tensors if t.is_floating_point()])
+        finite = finite.all().float()
         if dist.is_initialized():
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         if not finite.item():
@@ -292,6 +311,8 @@ class Checkpointer:
                              "already written are intact. Free space (or fix the folder), then run again to resume.")
         self.saved_at = time.time()
         if self.stopping:
+            if self.deadline:  # the checkpoint is there: what is left (the teardown) may take its time
+                self.deadline.cancel()
             if self.is_main:
                 print(f"stopped on {self.signal or 'a stop signal'} after writing {self.last_pt} at step {step}; "
                       "run the same command again to resume", file=sys.stderr, flush=True)
@@ -314,15 +335,27 @@ class Checkpointer:
         """Continue the run in cfg.out_dir, if it holds one and cfg.resume allows: load the newest intact
         checkpoint into the model (with its buffers: EMA targets, queues, centres), the optimizer, the scaler,
         the metrics and the random generators, after checking that it is a checkpoint of this method and
-        backbone, that the settings match (auto; true reports the changed ones and applies them) and that the
-        schedule continues (check_schedule). The optimizer keeps this run's group settings. Returns the step to
-        continue from: 0 for a new run."""
+        backbone, that the settings match (auto; true reports the changed ones and applies them), that the
+        schedule continues (check_schedule) and that every rank found the same step. The optimizer keeps this
+        run's group settings. Returns the step to continue from: 0 for a new run."""
+        cfg = self.cfg
+        if self.is_main and os.path.isdir(cfg.out_dir):
+            for name in os.listdir(cfg.out_dir):  # what a killed run was writing
+                if name.endswith(".pt.tmp"):
+                    os.remove(os.path.join(cfg.out_dir, name))
+        step = self._load_newest() if cfg.resume != "false" else 0
+        if self.world_size > 1:  # a folder each node sees its own copy of, or a stale listing, would split them
+            steps = torch.tensor([float(step), -float(step)])
+            dist.all_reduce(steps, op=dist.ReduceOp.MAX, group=self.group)
+            if steps[0] != -steps[1]:
+                raise UsageError(f"the ranks found different checkpoints in {cfg.out_dir} (steps {int(-steps[1])} to "
+                                 f"{int(steps[0])}): out_dir must be one folder that every rank sees")
+        return step
+
+    def _load_newest(self):
         cfg, is_main = self.cfg, self.is_main
-        candidates = checkpoint_files(cfg.out_dir) if cfg.resume != "false" else []
-        if not candidates:
-            return 0
-        ckpt, path, skipped = None, None, []
-        for candidate in candidates:
+        ckpt, path, unreadable = None, None, []
+        for candidate in checkpoint_files(cfg.out_dir):
             try:
                 ckpt = load_checkpoint(candidate)
                 if not (isinstance(ckpt, dict) and {"model", "optimizer", "step", "config"} <= ckpt.keys()):
@@ -330,13 +363,15 @@ class Checkpointer:
                 path = candidate
                 break
             except UsageError as e:
-                skipped.append(str(e))
+                unreadable.append((candidate, str(e)))
+        if path is None and unreadable:
+            raise UsageError(f"every checkpoint in {cfg.out_dir} is unreadable ({unreadable[0][1]}); move them away "
+                             "to start a new run there")
         if path is None:
-            raise UsageError(f"every checkpoint in {cfg.out_dir} is unreadable ({skipped[0]}); move them away to start "
-                             "a new run there")
-        if skipped and is_main:
-            print(f"warning: {'; '.join(skipped)}. Resuming from {path}, the newest intact checkpoint",
-                  file=sys.stderr, flush=True)
+            return 0
+        if unreadable and is_main:
+            print(f"warning: {'; '.join(e for _, e in unreadable)}. Resuming from {path}, the newest intact "
+                  "checkpoint", file=sys.stderr, flush=True)
         method, args = type(self.model).__name__, self.model.backbone_args
         held = ckpt.get("method", method), ckpt.get("backbone_args") or args
         if held != (method, args):
@@ -364,9 +399,9 @@ class Checkpointer:
                 print(f"resuming with changed settings: {'; '.join(changed)}", flush=True)
             print(f"resuming from {path} at step {ckpt['step']}", flush=True)
             trim_metrics(cfg.out_dir, ckpt["step"])
-            for name in os.listdir(cfg.out_dir):  # what a killed run was writing
-                if name.endswith(".pt.tmp"):
-                    os.remove(os.path.join(cfg.out_dir, name))
+            for candidate, _ in unreadable:  # kept for a look, out of the way of pruning and of the next resume
+                if os.path.basename(candidate).startswith("step_"):
+                    os.replace(candidate, f"{candidate}.corrupt")
         return ckpt["step"]
 
 
@@ -379,7 +414,8 @@ def _say(message):
 
 
 def _link_or_copy(src, dst):
-    """Make dst the same file as src, atomically: a hard link (no copy) where the file system allows it."""
+    """Make dst the same file as src, atomically and durably: a hard link (no copy) where the file system
+    allows it, else a copy flushed to disk."""
     tmp = f"{dst}.tmp"
     if os.path.lexists(tmp):
         os.remove(tmp)
@@ -387,7 +423,18 @@ def _link_or_copy(src, dst):
         os.link(src, tmp)
     except OSError:
         shutil.copyfile(src, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
     os.replace(tmp, dst)
+    _fsync_folder(dst)
+
+
+def _fsync_folder(path):
+    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def trim_metrics(out_dir, step):
@@ -438,8 +485,13 @@ class MetricLog:
 
     def write(self, **metrics):
         if self.path:
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"time": round(time.time(), 3), **metrics}) + "\n")
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps({"time": round(time.time(), 3), **metrics}) + "\n")
+            except OSError as e:  # a full disk: stop in one line (the other ranks then lose this one: status 77)
+                raise SystemExit(f"error: could not write {self.path} ({e.strerror or e}); the checkpoints "
+                                 "already written are intact. Free space (or fix the folder), then run again to "
+                                 "resume.") from None
 
 
 class StepMetrics:
@@ -457,12 +509,14 @@ class StepMetrics:
         self.out_dir, self.skip_nonfinite = out_dir, skip_nonfinite
         self.checked = ("loss",) if precision == "fp16" else ("loss", "grad_norm")
         self.window = {}  # name -> 0-d tensors, one per step since the last read
-        self.epoch_totals = {}  # name -> [sum, count] over the steps read this epoch
+        self.kept = []  # one per step since the last read: False for a skipped step (skip_nonfinite only)
+        self.epoch_values = {}  # name -> this epoch's per-step values read so far (summed exactly: math.fsum)
         self.skipped, self.last_loss = 0, None
 
     def add(self, **values):
         """Keep this step's values; returns whether the step may be applied (False: a non-finite step to skip)."""
         values = {name: value.detach().float() for name, value in values.items()}
+        keep = True
         if self.skip_nonfinite:  # a host sync per step: the price of skipping
             checked = torch.stack([values[k] for k in self.checked if k in values])
             bad = (~checked.isfinite()).any().float()
@@ -476,14 +530,16 @@ class StepMetrics:
                                      f"writing a checkpoint, so {self.out_dir} keeps the last good state")
                 print(f"warning: skipped a step with a non-finite loss or gradient ({self.skipped} of at most "
                       f"{self.skip_nonfinite})", file=sys.stderr, flush=True)
-                return False
+                keep = False
         for name, value in values.items():
             self.window.setdefault(name, []).append(value)
-        return True
+        self.kept.append(keep)
+        return keep
 
     def read(self, step):
-        """{'train/<name>': mean} over the steps since the last read; `step` is the number of steps done, as in
-        metrics.jsonl, so the window holds steps step - len + 1, ..., step."""
+        """{'train/<name>': mean} over the steps since the last read (skipped steps left out: NaN if all were);
+        `step` is the number of steps done, as in metrics.jsonl, so the window holds steps step - len + 1, ...,
+        step."""
         if not self.window:
             return {}
         names = list(self.window)
@@ -491,39 +547,45 @@ class StepMetrics:
         if dist.is_initialized():
             dist.all_reduce(table)
             table /= dist.get_world_size()
-        table = table.cpu()
+        kept, self.kept = torch.tensor(self.kept), []  # the same on every rank: add() agreed on each skip
+        steps = (step - table.shape[1] + 1 + torch.arange(table.shape[1]))[kept]
+        table = table.cpu()[:, kept]
         finite = torch.stack([table[names.index(k)].isfinite() for k in self.checked if k in names]).all(0)
         if not finite.all():
             bad = int((~finite).nonzero()[0])
             losses = table[names.index("loss")][:bad] if "loss" in names else torch.zeros(0)
             last = float(losses[-1]) if len(losses) else self.last_loss
             what = ", ".join(f"{k} {float(table[names.index(k)][bad]):.6g}" for k in self.checked if k in names)
-            raise SystemExit(f"error: step {step - table.shape[1] + 1 + bad} was not finite ({what}; last finite "
+            raise SystemExit(f"error: step {int(steps[bad])} was not finite ({what}; last finite "
                              f"loss {_number(last)}); stopped without writing a checkpoint, so {self.out_dir} keeps "
                              "the last good state. Lower --lr, lengthen --warmup_epochs or try --precision fp32 and "
                              "continue with --resume true, or run again with --skip_nonfinite N to skip such steps.")
-        if "loss" in names:
+        if "loss" in names and table.shape[1]:
             self.last_loss = float(table[names.index("loss")][-1])
+        means = {}
         for name, row in zip(names, table):
-            total = self.epoch_totals.setdefault(name, [0.0, 0])
-            total[0] += float(row.sum())
-            total[1] += len(row)
-        return {f"train/{name}": float(row.mean()) for name, row in zip(names, table)}
+            if name not in self.checked:  # fp16's gradient norm: the steps its GradScaler skipped are inf
+                row = row[row.isfinite()]
+            self.epoch_values.setdefault(name, []).extend(row.tolist())
+            means[f"train/{name}"] = float(row.mean()) if len(row) else math.nan
+        return {**means, "train/skipped_steps": self.skipped} if self.skip_nonfinite else means
 
     def read_epoch(self, step):
-        """Read what is left of the epoch, then {'train/epoch_<name>': mean over the epoch's steps}."""
+        """Read what is left of the epoch, then {'train/epoch_<name>': mean over the epoch's steps}: exact sums, so
+        the means do not depend on where the reads fell (a resumed run reads at its checkpoint)."""
         self.read(step)
-        means = {f"train/epoch_{name}": total / count for name, (total, count) in self.epoch_totals.items()}
-        self.epoch_totals = {}
+        means = {f"train/epoch_{name}": math.fsum(values) / len(values) if values else math.nan
+                 for name, values in self.epoch_values.items()}
+        self.epoch_values = {}
         return means
 
     def state_dict(self):
-        """What a checkpoint keeps (after a read): the epoch's running sums, the skipped steps, the last loss."""
+        """What a checkpoint keeps (after a read): the epoch's values so far, the skipped steps, the last loss."""
         assert not self.window, "read() the metrics before saving them"
-        return {"epoch_totals": self.epoch_totals, "skipped": self.skipped, "last_loss": self.last_loss}
+        return {"epoch_values": self.epoch_values, "skipped": self.skipped, "last_loss": self.last_loss}
 
     def load_state_dict(self, state):
-        self.epoch_totals = {k: list(v) for k, v in state.get("epoch_totals", {}).items()}
+        self.epoch_values = {k: list(v) for k, v in state.get("epoch_values", {}).items()}
         self.skipped, self.last_loss = state.get("skipped", 0), state.get("last_loss")
 
 
@@ -564,11 +626,7 @@ def save_checkpoint(state, path):
             os.remove(tmp)
         raise
     os.replace(tmp, path)
-    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+    _fsync_folder(path)
 
 
 def load_checkpoint(path):

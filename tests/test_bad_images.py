@@ -117,3 +117,19 @@ def test_simclr_and_knn_eval_skip_bad_images_with_a_warning(tmp_path, tree):
     result = run_script([*knn, "--bad_images", "skip"], timeout=120)
     assert_ok(result)
     assert f"warning: unreadable image {broken} (" in result.stderr and (tmp_path / "knn.json").exists()
+
+
+def test_a_storage_error_stops_even_with_skip(tree, monkeypatch):
+    """An I/O error (a failing disk, a stale network handle) is not the image's fault: skipping it would make
+    the run depend on the storage, so it stops in both modes."""
+    import errno
+    import os
+    data = build_dataset("folder", str(tree), "train", bad_images="skip")
+
+    def io_error(path):
+        raise OSError(errno.EIO, os.strerror(errno.EIO), path)
+
+    monkeypatch.setattr(data.dataset, "loader", io_error)
+    with pytest.raises(UsageError, match=r"cannot read image .*0\.png \(Input/output error\): the storage failed, "
+                                         "not the image"):
+        data[0]

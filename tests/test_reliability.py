@@ -8,6 +8,7 @@ method from mid-epoch checkpoints with 0 and 2 data workers."""
 import contextlib
 import errno
 import json
+import math
 import os
 import random
 import signal
@@ -20,8 +21,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from battery import quick_args
-from helpers import REPO, _env, assert_ok, read_jsonl, run_script, run_torchrun
+from battery import quick_args, run_ranks
+from helpers import REPO, _env, assert_ok, assert_one_line_error, read_jsonl, run_script, run_torchrun
 from common.config import UsageError
 from common.runtime import (EXIT_FORCED, EXIT_LOST_RANK, EXIT_PREEMPTED, Checkpointer, StepMetrics, check_run,
                             trim_metrics)
@@ -61,14 +62,14 @@ class Tiny(nn.Module):
 SCHEDULE = {"world_size": 1, "global_batch": 16, "steps_per_epoch": 4, "total_steps": 8, "peak_lr": 0.1}
 
 
-def make_run(tmp_path, model=None, scaler_on=False, **settings):
+def make_run(tmp_path, model=None, scaler_on=False, rank=0, world_size=1, **settings):
     """A Checkpointer of a tiny model in tmp_path/run, as a method script builds it."""
     cfg = RunConfig(out_dir=str(tmp_path / "run"), **settings)
     model = model or Tiny()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     scaler = torch.amp.GradScaler("cpu", enabled=scaler_on)
     metrics = StepMetrics(cfg.out_dir)
-    return Checkpointer(cfg, SCHEDULE, model, optimizer, scaler, metrics, CPU, 0, 1), model
+    return Checkpointer(cfg, SCHEDULE, model, optimizer, scaler, metrics, CPU, rank, world_size), model
 
 
 def train_steps(checkpointer, model, first, last):
@@ -108,16 +109,56 @@ def test_checkpoints_at_steps_and_epochs_and_pruning(tmp_path):
 
 
 def test_resume_continues_from_the_newest_checkpoint(tmp_path, capsys):
+    """The newest step file, also where a kill came between writing it and linking last.pt to it."""
     checkpointer, model = make_run(tmp_path, checkpoint_every_steps=3)
     train_steps(checkpointer, model, 1, 6)
+    run = tmp_path / "run"
+    (run / "last.pt").unlink()
+    os.link(run / "step_00000004.pt", run / "last.pt")
+    (run / "step_00000007.pt.tmp").write_bytes(b"half a checkpoint")
     resumed, fresh = make_run(tmp_path)
     assert resumed.resume() == 6 and torch.equal(fresh.backbone.weight, model.backbone.weight)
-    assert f"resuming from {tmp_path / 'run' / 'last.pt'} at step 6" in capsys.readouterr().out
+    assert f"resuming from {run / 'step_00000006.pt'} at step 6" in capsys.readouterr().out
+    assert not list(run.glob("*.tmp"))  # the cut-off write is gone
+
+
+def test_a_stop_signal_checkpoints_after_the_step_it_came_in(tmp_path):
+    """Mid-epoch: due() says so, and save() exits with 75. At an epoch's last step the end-of-epoch save does it,
+    after the epoch is logged."""
+    checkpointer, model = make_run(tmp_path)
+    train_steps(checkpointer, model, 1, 5)
+    checkpointer.signal = "SIGTERM"
+    assert checkpointer.due(6)
+    checkpointer.metrics.read(6)
+    with pytest.raises(SystemExit) as stopped:
+        checkpointer.save(6)
+    assert stopped.value.code == EXIT_PREEMPTED and torch.load(tmp_path / "run" / "last.pt")["step"] == 6
+    assert not checkpointer.due(8)  # the epoch's last step: left to the end-of-epoch save, which exits too
+    with pytest.raises(SystemExit):
+        checkpointer.save(8)
+
+
+def _resume_on(rank, world_size, folders):
+    """A rank whose out_dir is its own folder (a node-local disk): one holds a checkpoint, the other none."""
+    checkpointer, _ = make_run(folders[rank], rank=rank, world_size=world_size)
+    try:
+        checkpointer.resume()
+    except UsageError as e:
+        return str(e)
+    return "resumed"
+
+
+def test_ranks_that_find_different_checkpoints_stop(tmp_path):
+    checkpointer, model = make_run(tmp_path / "a")
+    train_steps(checkpointer, model, 1, 4)
+    (tmp_path / "b").mkdir()
+    for message in run_ranks(_resume_on, 2, [tmp_path / "a", tmp_path / "b"]):
+        assert "the ranks found different checkpoints" in message and "(steps 0 to 4)" in message
 
 
 def test_a_corrupt_last_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, capsys):
     """last.pt and its step file are one file; cut it short (a full disk on a file system without atomic
-    renames, a bad copy): the resume names both and takes the step before."""
+    renames, a bad copy): the resume names it, takes the step before, and sets the bad file aside."""
     checkpointer, model = make_run(tmp_path, checkpoint_every_steps=3, keep_checkpoints=3)
     train_steps(checkpointer, model, 1, 6)  # step files 3, 4, 6
     run = tmp_path / "run"
@@ -125,9 +166,9 @@ def test_a_corrupt_last_checkpoint_falls_back_to_the_newest_intact_one(tmp_path,
     resumed, _ = make_run(tmp_path)
     assert resumed.resume() == 4
     err = capsys.readouterr().err
-    for name in ("last.pt", "step_00000006.pt"):
-        assert f"cannot read checkpoint {run / name}" in err
+    assert f"cannot read checkpoint {run / 'step_00000006.pt'}" in err
     assert f"Resuming from {run / 'step_00000004.pt'}, the newest intact checkpoint" in err
+    assert (run / "step_00000006.pt.corrupt").exists() and not (run / "step_00000006.pt").exists()
     for path in run.glob("*.pt"):  # nothing but a full save writes there
         path.write_bytes(b"garbage")
     with pytest.raises(UsageError, match="every checkpoint in .* is unreadable"):
@@ -159,7 +200,7 @@ def test_resume_modes(tmp_path, capsys):
         check_run(RunConfig(out_dir=cfg.out_dir, resume="true"))
     checkpointer, model = make_run(tmp_path)
     train_steps(checkpointer, model, 1, 4)
-    with pytest.raises(UsageError, match=r"already holds a run \(last.pt\); pass --resume auto"):
+    with pytest.raises(UsageError, match=r"already holds a run \(step_00000004.pt\); pass --resume auto"):
         check_run(RunConfig(out_dir=cfg.out_dir, resume="false"))
     with pytest.raises(UsageError, match="resume must be auto, true or false, got 'yes'"):
         check_run(RunConfig(out_dir=cfg.out_dir, resume="yes"))
@@ -179,6 +220,12 @@ def test_an_unwritable_run_folder_is_found_before_training(tmp_path, monkeypatch
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
 
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr("os.write", disk_full)  # the probe writes a megabyte: a full disk cannot take it
+    with pytest.raises(UsageError, match="cannot write the run folder .* \\(No space left on device\\)"):
+        check_run(RunConfig(out_dir=str(tmp_path / "run")))
     monkeypatch.setattr("tempfile.mkstemp", read_only)
     with pytest.raises(UsageError, match="cannot write the run folder .* \\(Read-only file system\\)"):
         check_run(RunConfig(out_dir=str(tmp_path / "run")))
@@ -246,20 +293,34 @@ def test_a_non_finite_gradient_stops_the_run_naming_the_step_and_the_last_finite
         metrics.read(9)
     fp16 = StepMetrics("runs/x", precision="fp16")  # overflowing gradients are the GradScaler's to skip
     fp16.add(loss=torch.tensor(1.0), grad_norm=torch.tensor(float("inf")))
-    assert fp16.read(1) == {"train/loss": 1.0, "train/grad_norm": float("inf")}
+    fp16.add(loss=torch.tensor(3.0), grad_norm=torch.tensor(2.0))
+    assert fp16.read(2) == {"train/loss": 2.0, "train/grad_norm": 2.0}  # the mean of the applied steps' norms
 
 
 def test_skip_nonfinite_skips_a_bounded_number_of_steps(capsys):
-    metrics = StepMetrics("runs/x", skip_nonfinite=2)
+    metrics = StepMetrics("runs/x", skip_nonfinite=3)
     assert metrics.add(loss=torch.tensor(1.0), grad_norm=torch.tensor(1.0))
     assert not metrics.add(loss=torch.tensor(float("nan")), grad_norm=torch.tensor(1.0))
     assert not metrics.add(loss=torch.tensor(1.0), grad_norm=torch.tensor(float("inf")))
-    assert "skipped a step with a non-finite loss or gradient (2 of at most 2)" in capsys.readouterr().err
-    assert metrics.read(4) == {"train/loss": 1.0, "train/grad_norm": 1.0}  # skipped steps are not averaged
-    assert metrics.state_dict()["skipped"] == 2  # a resumed run keeps counting
-    with pytest.raises(SystemExit, match="more than skip_nonfinite=2 steps had a non-finite loss or gradient "
+    assert "skipped a step with a non-finite loss or gradient (2 of at most 3)" in capsys.readouterr().err
+    # skipped steps are not averaged; a window of skipped steps only reads NaN (no crash of the log line)
+    assert metrics.read(4) == {"train/loss": 1.0, "train/grad_norm": 1.0, "train/skipped_steps": 2}
+    assert not metrics.add(loss=torch.tensor(float("nan")), grad_norm=torch.tensor(1.0)) and metrics.skipped == 3
+    assert all(math.isnan(v) for k, v in metrics.read(5).items() if k != "train/skipped_steps")
+    assert metrics.state_dict()["skipped"] == 3  # a resumed run keeps counting
+    with pytest.raises(SystemExit, match="more than skip_nonfinite=3 steps had a non-finite loss or gradient "
                                          r"\(last finite loss 1\)"):
         metrics.add(loss=torch.tensor(float("inf")), grad_norm=torch.tensor(1.0))
+
+
+def test_a_script_skips_at_most_skip_nonfinite_steps(tmp_path):
+    """The loop's wiring: at lr 1e30 the first step blows the weights up; every later step is non-finite and
+    skipped, until the third, which stops the run before any checkpoint."""
+    result = run_script(quick_args("simclr", tmp_path / "run", "--optimizer", "sgd", "--lr", "1e30",
+                                   "--warmup_epochs", "0", "--skip_nonfinite", "2"))
+    assert "skipped a step with a non-finite loss or gradient (2 of at most 2)" in result.stderr
+    assert_one_line_error(result, "more than skip_nonfinite=2 steps had a non-finite loss or gradient")
+    assert not list((tmp_path / "run").glob("*.pt"))
 
 
 # ---- as a user runs it: signals, kills, a dead or hung rank ----
@@ -357,12 +418,23 @@ def test_sigterm_then_a_kill_during_a_checkpoint_write_give_the_uninterrupted_we
 
 
 def test_a_second_signal_or_the_deadline_exits_at_once(tmp_path):
+    """SIGTERM twice at once is one signal (SLURM's to every process, and torchrun's forward of it): a checkpoint
+    and 75. SIGUSR1 then SIGTERM (the time limit after SLURM's warning): 76 at once. A stop_timeout too short for
+    the checkpoint: 76."""
+    proc = start(quick_args("simclr", tmp_path / "twice", *LONG))
+    wait_for(lambda: logged_step(tmp_path / "twice") >= 1, proc, "step 1")
+    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)
+    result = finish(proc)
+    assert result.returncode == EXIT_PREEMPTED, result.stderr[-3000:]
+
     proc = start(quick_args("simclr", tmp_path / "a", *LONG))
     wait_for(lambda: logged_step(tmp_path / "a") >= 1, proc, "step 1")
     proc.send_signal(signal.SIGUSR1)
     proc.send_signal(signal.SIGTERM)
     result = finish(proc)
-    assert result.returncode == EXIT_FORCED and "SIGTERM again: exiting now" in result.stderr, result.stderr[-3000:]
+    assert result.returncode == EXIT_FORCED, result.stderr[-3000:]
+    assert "SIGTERM after SIGUSR1: exiting now" in result.stderr
 
     proc = start(quick_args("simclr", tmp_path / "b", *LONG, "--stop_timeout", "0.001"))
     wait_for(lambda: logged_step(tmp_path / "b") >= 1, proc, "step 1")
@@ -391,8 +463,8 @@ def test_torchrun_a_signal_to_one_rank_then_a_killed_rank_give_the_uninterrupted
     os.kill(rank_pid(proc, 1), signal.SIGTERM)
     stopped = finish(proc)
     assert stopped.returncode != 0 and f"exitcode: {EXIT_PREEMPTED}" in stopped.stderr, stopped.stderr[-3000:]
-    assert "a stop signal on another rank: writing a checkpoint after step" in stopped.stderr  # rank 0 heard it
     saved = torch.load(out / "last.pt", weights_only=True)["step"]
+    assert f"a stop signal on another rank: writing a checkpoint after step {saved}" in stopped.stderr  # rank 0
 
     proc = start(args, torchrun=True, restarts=1)
     wait_for(lambda: any(p.name.startswith("step_") and p.suffix == ".tmp" for p in out.iterdir()), proc,
@@ -401,7 +473,7 @@ def test_torchrun_a_signal_to_one_rank_then_a_killed_rank_give_the_uninterrupted
     restarted = finish(proc)
     assert_ok(restarted)
     assert "error: rank 1 lost contact with the other processes of this job" in restarted.stderr
-    assert restarted.stdout.count("resuming from") == 2  # after the signal, and after the kill
+    assert restarted.stdout.count("resuming from") == 2 and f"at step {saved}" in restarted.stdout  # twice
     assert_same_weights(out / "last.pt", straight / "last.pt")
 
 
