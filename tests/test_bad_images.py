@@ -90,7 +90,7 @@ def test_a_worker_error_reaches_the_user_as_its_one_line(tree):
 
 
 def _run(tmp_path, tree, *extra):
-    # a short timeout: a worker's error once left the run hanging at exit (see common.config.usage_errors)
+    # a short timeout: a worker's error once left the run hanging at exit (see common.data._kill_data_workers)
     return run_script(quick_args("simclr", tmp_path / "run", "--dataset", "folder", "--data_dir", tree,
                                  "--batch_size", "8", "--num_workers", "2", "--knn_every", "0", *extra, epochs=1),
                       timeout=120)
