@@ -19,15 +19,20 @@ Both modes drop the last incomplete global batch of each epoch.
 
 Input: as knn_eval.py, a method script's checkpoint or a plain trunk state_dict (with --arch, --image_size).
 Output: the accuracies, printed and written as JSON (by default next to the checkpoint).
+Preemption: SIGTERM / SIGUSR1 make every rank finish its step, save the probe's state (head, optimizer, step)
+to <out>.state.pt and exit with status 75 (docs/reliability.md); the same command continues it exactly, from
+that state or from the one saved at the end of every epoch (resume: auto), and removes it when done.
 
 Run:
     python linear_eval.py --checkpoint runs/simclr/last.pt
     python linear_eval.py --checkpoint runs/simclr/last.pt --cache_features true --epochs 100
     torchrun --nproc_per_node=4 linear_eval.py --checkpoint runs/simclr/last.pt --batch_size 64
 """
+import itertools
 import math
 import os
-from dataclasses import dataclass
+import sys
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
@@ -39,10 +44,12 @@ from tqdm import tqdm
 
 from common.augment import eval_transform, linear_train_transform
 from common.config import UsageError, parse_config, usage_errors
-from common.data import EpochSampler, SeededViews, Transformed, labelled_split, labels_of, subset
+from common.data import (EpochSampler, SeededViews, Transformed, ignore_stop_signals, labelled_split, labels_of,
+                         subset)
 from common.knn import extract_features, topk_correct
-from common.runtime import (autocast, close_distributed, init_distributed, load_backbone, lost_rank_errors,
-                            resolve_precision, write_json)
+from common.runtime import (RUN_ONLY_KEYS, StopSignals, autocast, changed_settings, close_distributed,
+                            init_distributed, load_checkpoint, load_backbone, load_state, lost_rank_errors,
+                            resolve_precision, save_checkpoint, write_json)
 
 
 @dataclass
@@ -74,6 +81,8 @@ class Config:
     seed: int = 0  # subsets, head init, data order and augmentations
     # output
     out: str = ""  # JSON file (empty = <checkpoint without extension>_linear_<dataset>.json)
+    resume: str = "auto"  # auto: continue a probe stopped by SIGTERM / SIGUSR1 (its <out>.state.pt) | false
+    stop_timeout: float = 120.0  # after SIGTERM / SIGUSR1: seconds to finish the step and save, else exit
 
 
 class LARS(torch.optim.Optimizer):
@@ -131,11 +140,48 @@ def cached_batches(feats, labels, batch_size, rank, world_size, epoch, seed):
         yield feats[idx], labels[idx]
 
 
+def save_probe(path, cfg, head, optimizer, step, epoch_loss, is_main, train_loss=None):
+    """On every rank: the probe's state after `step` (atomic; main rank), with the epoch's loss summed over ranks
+    so far (and the last finished epoch's train_loss, which the JSON reports)."""
+    if dist.is_initialized():
+        epoch_loss = epoch_loss.clone()
+        dist.all_reduce(epoch_loss)
+    if is_main:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        save_checkpoint({"head": head.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                         "epoch_loss": epoch_loss.item(), "train_loss": train_loss, "config": asdict(cfg)}, path)
+
+
+def resume_probe(path, cfg, head, optimizer, is_main):
+    """(step, the epoch's loss so far summed over ranks, the last finished epoch's train_loss) of a stopped probe
+    saved at `path`, loaded into head and optimizer; (0, 0.0, None) where there is none. Another probe's state
+    (other settings) is an error; an unreadable one is named, and the probe starts over."""
+    if not os.path.exists(path):
+        return 0, 0.0, None
+    try:
+        state = load_checkpoint(path)
+    except UsageError as e:  # cut short: the probe starts over (its cost, not a silent error)
+        if is_main:
+            print(f"warning: {e}; the probe starts over", file=sys.stderr, flush=True)
+        return 0, 0.0, None
+    differing = changed_settings(state["config"], cfg, ignore=(*RUN_ONLY_KEYS, "out"))
+    if differing:
+        raise UsageError(f"{path} holds a stopped probe with other settings ({'; '.join(differing)}); delete it to "
+                         "start over, or pass --out elsewhere")
+    load_state(head, state["head"], path)
+    load_state(optimizer, state["optimizer"], path)
+    if is_main:
+        print(f"resuming the probe from {path} at step {state['step']}", flush=True)
+    return state["step"], state["epoch_loss"], state["train_loss"]
+
+
 def main(cfg):
     if not cfg.checkpoint:
         raise UsageError("--checkpoint is required (a method script's last.pt or a plain trunk state_dict)")
-    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.dist_timeout <= 0:
-        raise UsageError("--epochs, --batch_size and --dist_timeout must be positive")
+    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.dist_timeout <= 0 or cfg.stop_timeout <= 0:
+        raise UsageError("--epochs, --batch_size, --dist_timeout and --stop_timeout must be positive")
+    if cfg.resume not in ("auto", "false"):
+        raise UsageError(f"resume must be auto or false, got {cfg.resume!r}")
     rank, world_size, device = init_distributed(cfg.dist_timeout)
     is_main = rank == 0
     precision = resolve_precision(cfg.precision, device)
@@ -168,7 +214,7 @@ def main(cfg):
                                                   drop_last=True))
         loader = DataLoader(train_set, cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
                             pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0,
-                            drop_last=True)
+                            drop_last=True, worker_init_fn=ignore_stop_signals)
 
     # ---- head and optimiser ----
     torch.manual_seed(cfg.seed)
@@ -177,18 +223,27 @@ def main(cfg):
     nn.init.zeros_(head.bias)
     optimizer = build_optimizer(cfg, head)
     ddp_head = DDP(head) if world_size > 1 else head
-    peak_lr, total_steps, step = cfg.lr * global_batch / 256, cfg.epochs * steps_per_epoch, 0
+    peak_lr, total_steps = cfg.lr * global_batch / 256, cfg.epochs * steps_per_epoch
+
+    # ---- resume: a probe stopped by a signal continues where it was ----
+    out = cfg.out or f"{os.path.splitext(cfg.checkpoint)[0]}_linear_{dataset}.json"
+    state_path = f"{os.path.splitext(out)[0]}.state.pt"
+    signals = StopSignals(cfg.stop_timeout, rank, world_size, cfg.dist_timeout)
+    step, loss_so_far, train_loss = (resume_probe(state_path, cfg, head, optimizer, is_main)
+                                     if cfg.resume == "auto" else (0, 0.0, None))
 
     # ---- training ----
-    for epoch in range(cfg.epochs):
+    for epoch in range(step // steps_per_epoch, cfg.epochs):
+        done = step - epoch * steps_per_epoch  # steps of this epoch before a resume
         if cfg.cache_features:
-            batches = cached_batches(train_feats, train_labels, cfg.batch_size, rank, world_size, epoch, cfg.seed)
+            batches = itertools.islice(cached_batches(train_feats, train_labels, cfg.batch_size, rank, world_size,
+                                                      epoch, cfg.seed), done, None)
         else:
-            sampler.set_epoch(epoch)
+            sampler.set_epoch(epoch, skip=done * cfg.batch_size)
             batches = loader
-        bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+        bar = tqdm(batches, total=steps_per_epoch - done, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
                    disable=not is_main, dynamic_ncols=True)
-        epoch_loss = torch.zeros((), device=device)
+        epoch_loss = torch.full((), loss_so_far if is_main and done else 0.0, device=device)  # summed over ranks
         for x, y in bar:
             lr = 0.5 * peak_lr * (1 + math.cos(math.pi * step / total_steps))
             for group in optimizer.param_groups:
@@ -204,11 +259,17 @@ def main(cfg):
             step += 1
             epoch_loss += loss.detach()
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.3g}")
+            if signals.agree()[0] and step % steps_per_epoch:  # the epoch's last step: saved just below
+                save_probe(state_path, cfg, head, optimizer, step, epoch_loss, is_main)
+                signals.exit_after_checkpoint(f"{state_path} at step {step}", is_main)
         if world_size > 1:
             dist.all_reduce(epoch_loss)
         train_loss = epoch_loss.item() / (steps_per_epoch * world_size)
         if is_main:
             tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f}")
+        save_probe(state_path, cfg, head, optimizer, step, epoch_loss.new_zeros(()), is_main, train_loss)
+        if signals.agree()[0]:
+            signals.exit_after_checkpoint(f"{state_path} at step {step}", is_main)
 
     # ---- evaluation: every val image once (extract_features shards without padding and gathers) ----
     val_feats, val_labels = extract_features(backbone, val_set, cfg.batch_size, cfg.num_workers, device,
@@ -218,7 +279,6 @@ def main(cfg):
     top1, top5 = 100.0 * top1 / len(val_set), 100.0 * top5 / len(val_set)
 
     if is_main:
-        out = cfg.out or f"{os.path.splitext(cfg.checkpoint)[0]}_linear_{dataset}.json"
         mode = "cached features" if cfg.cache_features else "augmented images"
         print(f"linear probe ({cfg.epochs} epochs on {mode}, {cfg.optimizer} lr {peak_lr:.3g}) on {dataset}: "
               f"top-1 {top1:.2f}%  top-5 {top5:.2f}%  ({len(train_images)} train, {len(val_set)} val "
@@ -230,6 +290,7 @@ def main(cfg):
                     "checkpoint": cfg.checkpoint, "num_train": len(train_images), "num_val": len(val_set),
                     "num_classes": num_classes, "data_dir": data_dir, "backbone_args": args,
                     "precision": precision, "seed": cfg.seed}, out)
+        os.remove(state_path)  # done: nothing to resume
     close_distributed()
 
 

@@ -208,33 +208,21 @@ def _describe(method, args):
         f" (patch {args['patch_size']})" if str(args.get("arch", "")).startswith("vit") else "")
 
 
-class Checkpointer:
-    """Checkpoints of a pre-training and its stop signals, so that a run loses at most the steps since its last
-    checkpoint and a resumed run is exactly the uninterrupted one.
+class StopSignals:
+    """SIGTERM and SIGUSR1 for a training loop: the first one asks every rank to stop after the current step, once
+    a checkpoint of it is written (agree() tells each rank, the same answer everywhere, and exit_after_checkpoint()
+    exits with EXIT_PREEMPTED); a second one (another signal, or the same one again after DUPLICATE_SIGNAL_S), or
+    stop_timeout seconds without getting there, exits at once with EXIT_FORCED (a checkpoint being written stays
+    a temporary file)."""
 
-    Files in cfg.out_dir (written by the main rank, each atomically: a temporary file, fsync, rename):
-      step_XXXXXXXX.pt  at every checkpoint; the newest cfg.keep_checkpoints are kept
-      last.pt           the newest checkpoint (a hard link to its step file, a copy where links are not allowed)
-      epoch_XXXX.pt     at the end of every cfg.snapshot_every-th epoch and of the last one; never deleted
-    When: due(step) after every step -- every cfg.checkpoint_every_steps steps, every cfg.checkpoint_every_minutes
-    (rank 0's clock), and after SIGTERM or SIGUSR1 on any rank -- and save(step) at the end of every epoch.
-    After a stop signal, save() exits with EXIT_PREEMPTED; a second signal (another one, or the same one again
-    after DUPLICATE_SIGNAL_S), or cfg.stop_timeout seconds without getting there, exits at once with EXIT_FORCED
-    (a checkpoint being written stays a temporary file).
-    resume() loads the newest intact checkpoint; a truncated or corrupt one is named and passed over."""
-
-    def __init__(self, cfg, schedule, model, optimizer, scaler, metrics, device, rank, world_size):
-        self.cfg, self.schedule, self.device = cfg, schedule, device
-        self.model, self.optimizer, self.scaler, self.metrics = model, optimizer, scaler, metrics
-        self.is_main, self.rank, self.world_size = rank == 0, rank, world_size
-        self.last_pt = os.path.join(cfg.out_dir, "last.pt")
-        self.saved_at = time.time()
-        self.signal, self.signal_at, self.stopping, self.deadline = None, 0.0, False, None
+    def __init__(self, stop_timeout, rank, world_size, dist_timeout):
+        self.stop_timeout, self.rank, self.world_size = stop_timeout, rank, world_size
+        self.signal, self.signal_at, self.deadline = None, 0.0, None
         self.pid = os.getpid()  # a DataLoader worker forked before its worker_init_fn inherits the handler
         # the per-step flags travel between the hosts (gloo), so asking never waits for the GPU
         self.group = None
         if world_size > 1 and dist.get_backend() != "gloo":
-            self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=cfg.dist_timeout))
+            self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=dist_timeout))
         for signum in STOP_SIGNALS:
             signal.signal(signum, self._on_signal)
 
@@ -250,14 +238,55 @@ class Checkpointer:
                  f"(status {EXIT_FORCED})")
             os._exit(EXIT_FORCED)
         self.signal, self.signal_at = name, time.monotonic()
-        self.deadline = threading.Timer(self.cfg.stop_timeout, self._deadline)
+        self.deadline = threading.Timer(self.stop_timeout, self._deadline)
         self.deadline.daemon = True
         self.deadline.start()
 
     def _deadline(self):
-        _say(f"rank {self.rank}: no checkpoint within stop_timeout {self.cfg.stop_timeout:g} s of {self.signal}: "
+        _say(f"rank {self.rank}: no checkpoint within stop_timeout {self.stop_timeout:g} s of {self.signal}: "
              f"exiting without one (status {EXIT_FORCED})")
         os._exit(EXIT_FORCED)
+
+    def agree(self, *flags):
+        """[a stop signal came to some rank, *flags: each raised on some rank], the same on every rank: one
+        all_reduce between the hosts (a few microseconds with gloo), every step."""
+        values = torch.tensor([float(self.signal is not None), *map(float, flags)])
+        if self.world_size > 1:
+            dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.group)
+        return [bool(v) for v in values]
+
+    def exit_after_checkpoint(self, written, is_main):
+        """Call on every rank once the checkpoint (`written`: what and where) is on disk."""
+        if self.deadline:  # the checkpoint is there: what is left (the teardown) may take its time
+            self.deadline.cancel()
+        if is_main:
+            print(f"stopped on {self.signal or 'a stop signal'} after writing {written}; run the same command again "
+                  "to resume", file=sys.stderr, flush=True)
+        close_distributed()
+        raise SystemExit(EXIT_PREEMPTED)
+
+
+class Checkpointer:
+    """Checkpoints of a pre-training and its stop signals, so that a run loses at most the steps since its last
+    checkpoint and a resumed run is exactly the uninterrupted one.
+
+    Files in cfg.out_dir (written by the main rank, each atomically: a temporary file, fsync, rename):
+      step_XXXXXXXX.pt  at every checkpoint; the newest cfg.keep_checkpoints are kept
+      last.pt           the newest checkpoint (a hard link to its step file, a copy where links are not allowed)
+      epoch_XXXX.pt     at the end of every cfg.snapshot_every-th epoch and of the last one; never deleted
+    When: due(step) after every step -- every cfg.checkpoint_every_steps steps, every cfg.checkpoint_every_minutes
+    (rank 0's clock), and after SIGTERM or SIGUSR1 on any rank -- and save(step) at the end of every epoch.
+    After a stop signal, save() exits with EXIT_PREEMPTED (StopSignals).
+    resume() loads the newest intact checkpoint; a truncated or corrupt one is named and passed over."""
+
+    def __init__(self, cfg, schedule, model, optimizer, scaler, metrics, device, rank, world_size):
+        self.cfg, self.schedule, self.device = cfg, schedule, device
+        self.model, self.optimizer, self.scaler, self.metrics = model, optimizer, scaler, metrics
+        self.is_main, self.rank, self.world_size = rank == 0, rank, world_size
+        self.last_pt = os.path.join(cfg.out_dir, "last.pt")
+        self.saved_at = time.time()
+        self.stopping = False
+        self.signals = StopSignals(cfg.stop_timeout, rank, world_size, cfg.dist_timeout)
 
     def due(self, step):
         """Whether this step ends with a checkpoint: the same answer on every rank (the flags are all-reduced
@@ -265,15 +294,13 @@ class Checkpointer:
         end-of-epoch save, which exits after a stop signal too, once the epoch is logged."""
         timed = (self.is_main and self.cfg.checkpoint_every_minutes > 0
                  and time.time() - self.saved_at >= 60 * self.cfg.checkpoint_every_minutes)
-        flags = torch.tensor([float(self.signal is not None), float(timed)])
-        if self.world_size > 1:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
-        if flags[0] and not self.stopping and self.is_main:
-            print(f"{self.signal or 'a stop signal on another rank'}: writing a checkpoint after step {step}, then "
-                  f"exiting with status {EXIT_PREEMPTED}", file=sys.stderr, flush=True)
-        self.stopping = bool(flags[0])
+        stop, timed = self.signals.agree(timed)
+        if stop and not self.stopping and self.is_main:
+            print(f"{self.signals.signal or 'a stop signal on another rank'}: writing a checkpoint after step {step}, "
+                  f"then exiting with status {EXIT_PREEMPTED}", file=sys.stderr, flush=True)
+        self.stopping = stop
         every = self.cfg.checkpoint_every_steps
-        periodic = (every > 0 and step % every == 0) or bool(flags[1])
+        periodic = (every > 0 and step % every == 0) or timed
         return (self.stopping or periodic) and step % self.schedule["steps_per_epoch"] != 0
 
     def save(self, step):
@@ -311,13 +338,7 @@ class Checkpointer:
                              "already written are intact. Free space (or fix the folder), then run again to resume.")
         self.saved_at = time.time()
         if self.stopping:
-            if self.deadline:  # the checkpoint is there: what is left (the teardown) may take its time
-                self.deadline.cancel()
-            if self.is_main:
-                print(f"stopped on {self.signal or 'a stop signal'} after writing {self.last_pt} at step {step}; "
-                      "run the same command again to resume", file=sys.stderr, flush=True)
-            close_distributed()
-            raise SystemExit(EXIT_PREEMPTED)
+            self.signals.exit_after_checkpoint(f"{self.last_pt} at step {step}", self.is_main)
 
     def _write(self, state, step, epoch):
         folder = self.cfg.out_dir
@@ -346,7 +367,7 @@ class Checkpointer:
         step = self._load_newest() if cfg.resume != "false" else 0
         if self.world_size > 1:  # a folder each node sees its own copy of, or a stale listing, would split them
             steps = torch.tensor([float(step), -float(step)])
-            dist.all_reduce(steps, op=dist.ReduceOp.MAX, group=self.group)
+            dist.all_reduce(steps, op=dist.ReduceOp.MAX, group=self.signals.group)
             if steps[0] != -steps[1]:
                 raise UsageError(f"the ranks found different checkpoints in {cfg.out_dir} (steps {int(-steps[1])} to "
                                  f"{int(steps[0])}): out_dir must be one folder that every rank sees")

@@ -149,3 +149,30 @@ def test_a_vit_checkpoint_at_another_image_size_says_what_it_holds(tmp_path):
                                          r"cifar_stem=False, patch_size=8; the options ask for arch=vit_tiny, "
                                          r"image_size=64.* \(1 shape mismatches"):
         load_backbone(str(tmp_path / "last.pt"), image_size=64)
+
+
+def test_linear_probe_stopped_by_a_signal_resumes_exactly(checkpoint, tmp_path):
+    """SIGTERM in the middle of a probe on augmented images: the step finishes, the head's state is saved and the
+    probe exits with 75; the same command continues it and reports exactly what an uninterrupted probe does."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from helpers import REPO, _env
+    args = [*LINEAR, "--checkpoint", checkpoint, "--epochs", "6", "--batch_size", "16", "--out"]
+    assert_ok(run_script([*args, tmp_path / "straight.json"]))
+    out, state = tmp_path / "stopped.json", tmp_path / "stopped.state.pt"
+    proc = subprocess.Popen([sys.executable, *map(str, [*args, out])], cwd=REPO, env=_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    while not state.exists() and proc.poll() is None:  # saved at the end of epoch 1
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75 and f"after writing {state} at step " in err, err[-3000:]
+    stopped_at = torch.load(state, weights_only=True)["step"]
+    resumed = run_script([*args, out])
+    assert_ok(resumed)
+    assert f"resuming the probe from {state} at step {stopped_at}" in resumed.stdout and not state.exists()
+    straight, result = read_json(tmp_path / "straight.json"), read_json(out)
+    assert (result["top1"], result["top5"], result["train_loss"]) == (straight["top1"], straight["top5"],
+                                                                     straight["train_loss"])

@@ -127,7 +127,7 @@ def test_a_stop_signal_checkpoints_after_the_step_it_came_in(tmp_path):
     after the epoch is logged."""
     checkpointer, model = make_run(tmp_path)
     train_steps(checkpointer, model, 1, 5)
-    checkpointer.signal = "SIGTERM"
+    checkpointer.signals.signal = "SIGTERM"
     assert checkpointer.due(6)
     checkpointer.metrics.read(6)
     with pytest.raises(SystemExit) as stopped:
@@ -415,6 +415,9 @@ def test_sigterm_then_a_kill_during_a_checkpoint_write_give_the_uninterrupted_we
     assert f"at step {intact}" in resumed.stdout
     assert_same_weights(out / "last.pt", straight / "last.pt")
     assert not list(out.glob("*.tmp"))
+    finished = (out / "last.pt").stat().st_mtime_ns
+    assert_ok(run_script(args))  # a re-queued job of a finished run: nothing to do
+    assert (out / "last.pt").stat().st_mtime_ns == finished
 
 
 def test_a_second_signal_or_the_deadline_exits_at_once(tmp_path):
