@@ -1,8 +1,10 @@
-"""Shared test helpers: run the repo's scripts as a user would, and check their error messages."""
+"""Shared test helpers: run the repo's scripts as a user would, check their error messages, and RunConfig (the
+run settings common/runtime.py reads, for tests that call it in process)."""
 import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -50,3 +52,25 @@ def assert_ok(result):
     """Exit 0; otherwise show the end of the output."""
     assert result.returncode == 0, (f"exit {result.returncode}\nstdout:\n{result.stdout[-3000:]}\n"
                                     f"stderr:\n{result.stderr[-3000:]}")
+
+
+@dataclass
+class RunConfig:
+    """The run settings common/runtime.py reads from a method script's Config."""
+    epochs: int = 2
+    batch_size: int = 16
+    lr: float = 0.1
+    warmup_epochs: float = 1.0
+    log_every: int = 10
+    snapshot_every: int = 1
+    knn_every: int = 0
+    num_workers: int = 0
+    out_dir: str = "runs/demo"
+    resume: str = "auto"
+    checkpoint_every_steps: int = 0
+    checkpoint_every_minutes: float = 0.0
+    keep_checkpoints: int = 2
+    stop_timeout: float = 60.0
+    dist_timeout: float = 60.0
+    skip_nonfinite: int = 0
+    bad_images: str = "stop"

@@ -10,6 +10,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from battery import run_ranks
+from helpers import RunConfig
 
 from common.augment import eval_transform, multi_crop, two_views
 from common.backbones import ARCHS, RESNETS, apply_cifar_stem, backbone_args, build_backbone
@@ -27,25 +28,6 @@ class Demo:
     name: str = "x"  # a name
     flag: bool = False  # a switch
     scale: tuple[float, float] = (0.08, 1.0)  # crop scale
-
-
-@dataclass
-class RunDemo:
-    """The run settings common/runtime.py reads from a method script's Config."""
-    epochs: int = 5
-    batch_size: int = 16
-    warmup_epochs: float = 1.0
-    log_every: int = 10
-    snapshot_every: int = 100
-    knn_every: int = 0
-    out_dir: str = "runs/demo"
-    resume: str = "auto"
-    keep_checkpoints: int = 2
-    checkpoint_every_steps: int = 0
-    checkpoint_every_minutes: float = 30.0
-    skip_nonfinite: int = 0
-    stop_timeout: float = 120.0
-    dist_timeout: float = 600.0
 
 
 # ---- config ----
@@ -442,9 +424,9 @@ def test_resumed_optimizer_keeps_this_runs_settings():
 def test_run_settings_are_checked_before_anything_runs(tmp_path, key, value, message):
     from common.runtime import check_run
     with pytest.raises(UsageError, match=message):
-        check_run(RunDemo(out_dir=str(tmp_path / "run"), **{key: value}))
+        check_run(RunConfig(out_dir=str(tmp_path / "run"), **{key: value}))
     assert not (tmp_path / "run").exists()
-    check_run(RunDemo(out_dir=str(tmp_path / "run")))  # a new run: nothing created yet
+    check_run(RunConfig(out_dir=str(tmp_path / "run")))  # a new run: nothing created yet
     assert not (tmp_path / "run").exists()
 
 

@@ -15,41 +15,18 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 
 import pytest
 import torch
 import torch.nn as nn
 
 from battery import quick_args, run_ranks
-from helpers import REPO, _env, assert_ok, assert_one_line_error, read_jsonl, run_script, run_torchrun
+from helpers import REPO, RunConfig, _env, assert_ok, assert_one_line_error, read_jsonl, run_script, run_torchrun
 from common.config import UsageError
 from common.runtime import (EXIT_FORCED, EXIT_LOST_RANK, EXIT_PREEMPTED, Checkpointer, StepMetrics, check_run,
                             trim_metrics)
 
 CPU = torch.device("cpu")
-
-
-@dataclass
-class RunConfig:
-    """The run settings common/runtime.py reads from a method script's Config."""
-    epochs: int = 2
-    batch_size: int = 16
-    lr: float = 0.1
-    warmup_epochs: float = 1.0
-    log_every: int = 10
-    snapshot_every: int = 1
-    knn_every: int = 0
-    num_workers: int = 0
-    out_dir: str = "runs/demo"
-    resume: str = "auto"
-    checkpoint_every_steps: int = 0
-    checkpoint_every_minutes: float = 0.0
-    keep_checkpoints: int = 2
-    stop_timeout: float = 60.0
-    dist_timeout: float = 60.0
-    skip_nonfinite: int = 0
-    bad_images: str = "stop"
 
 
 class Tiny(nn.Module):
