@@ -401,25 +401,20 @@ def test_a_second_signal_or_the_deadline_exits_at_once(tmp_path):
     """SIGTERM twice at once is one signal (SLURM's to every process, and torchrun's forward of it): a checkpoint
     and 75. SIGUSR1 then SIGTERM (the time limit after SLURM's warning): 76 at once. A stop_timeout too short for
     the checkpoint: 76."""
-    proc = start(quick_args("simclr", tmp_path / "twice", *LONG))
-    wait_for(lambda: logged_step(tmp_path / "twice") >= 1, proc, "step 1")
-    proc.send_signal(signal.SIGTERM)
-    proc.send_signal(signal.SIGTERM)
-    result = finish(proc)
-    assert result.returncode == EXIT_PREEMPTED, result.stderr[-3000:]
+    def signalled(name, signals, *extra):
+        """A short run in tmp_path/name, sent `signals` at once after its first step; its CompletedProcess."""
+        proc = start(quick_args("simclr", tmp_path / name, *LONG, *extra))
+        wait_for(lambda: logged_step(tmp_path / name) >= 1, proc, "step 1")
+        for signum in signals:
+            proc.send_signal(signum)
+        return finish(proc)
 
-    proc = start(quick_args("simclr", tmp_path / "a", *LONG))
-    wait_for(lambda: logged_step(tmp_path / "a") >= 1, proc, "step 1")
-    proc.send_signal(signal.SIGUSR1)
-    proc.send_signal(signal.SIGTERM)
-    result = finish(proc)
+    result = signalled("twice", [signal.SIGTERM, signal.SIGTERM])
+    assert result.returncode == EXIT_PREEMPTED, result.stderr[-3000:]
+    result = signalled("two", [signal.SIGUSR1, signal.SIGTERM])
     assert result.returncode == EXIT_FORCED, result.stderr[-3000:]
     assert "SIGTERM after SIGUSR1: exiting now" in result.stderr
-
-    proc = start(quick_args("simclr", tmp_path / "b", *LONG, "--stop_timeout", "0.001"))
-    wait_for(lambda: logged_step(tmp_path / "b") >= 1, proc, "step 1")
-    proc.send_signal(signal.SIGTERM)
-    result = finish(proc)
+    result = signalled("deadline", [signal.SIGTERM], "--stop_timeout", "0.001")
     assert result.returncode == EXIT_FORCED, result.stderr[-3000:]
     assert "no checkpoint within stop_timeout 0.001 s of SIGTERM" in result.stderr
 
