@@ -1,10 +1,26 @@
 """Backbones built from torchvision's constructors (random init), returned without their classifier.
 
-A trunk's state_dict loads with strict=True into the matching torchvision model whose `fc` (ResNets) or
-`heads` (ViTs) was replaced by nn.Identity, after `apply_cifar_stem` where the trunk uses the CIFAR stem.
+A trunk's state_dict loads with strict=True into the matching torchvision model without renaming keys:
+- ResNets: torchvision's resnet / resnext / wide_resnet with `fc` replaced by nn.Identity, after
+  `apply_cifar_stem` where the trunk uses the CIFAR stem;
+- ViTs (vit_tiny, vit_small, vit_base with any patch_size): torchvision's VisionTransformer(image_size,
+  patch_size, ...) with `heads` replaced by nn.Identity. Ours (class ViT) runs at any input size whose sides are
+  multiples of the patch size, interpolating the position embedding (multi-crop, 96 / 224 px evaluation);
+- any other torchvision classification model by name (torchvision.models.list_models(), e.g. convnext_tiny,
+  efficientnet_b0, regnet_y_400mf, densenet121, vgg11_bn, mobilenet_v3_large): torchvision.models.get_model(name)
+  with its LAST nn.Linear replaced by nn.Identity, the feature width that Linear's in_features (vgg: its 4096-d
+  penultimate layer; mobilenet_v3: the 1280-d one). These keep their ImageNet stem at every size.
 """
+import math
+import os
+from functools import partial
+
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision.models as tvm
+from torchvision.models.vision_transformer import EncoderBlock
+from torchvision.ops import StochasticDepth
 
 from common.config import UsageError
 
@@ -16,6 +32,7 @@ RESNETS = {
     "resnet152": tvm.resnet152,
     "resnext50_32x4d": tvm.resnext50_32x4d,
     "resnext101_32x8d": tvm.resnext101_32x8d,
+    "resnext101_64x4d": tvm.resnext101_64x4d,
     "wide_resnet50_2": tvm.wide_resnet50_2,
     "wide_resnet101_2": tvm.wide_resnet101_2,
 }
@@ -25,6 +42,18 @@ VITS = {  # name: (layers, heads, width, mlp width)
     "vit_base": (12, 12, 768, 3072),
 }
 ARCHS = sorted(RESNETS) + sorted(VITS)
+# torchvision models that cannot serve as a trunk here, and why
+UNSUITABLE = {"vit_": "torchvision's ViTs take one input size: use vit_tiny, vit_small or vit_base with --patch_size",
+              "maxvit_t": "MaxViT takes one input size (224 px)",
+              "inception_v3": "Inception v3 needs inputs of 75 px or more and returns auxiliary outputs in training"}
+
+
+def _other_models():
+    return set(tvm.list_models(module=tvm)) - set(RESNETS)
+
+
+def _unsuitable(arch):
+    return next((why for prefix, why in UNSUITABLE.items() if arch.startswith(prefix)), None)
 
 
 def apply_cifar_stem(resnet):
@@ -36,23 +65,39 @@ def apply_cifar_stem(resnet):
 
 def backbone_args(arch, image_size, cifar_stem="auto", patch_size=16):
     """Check and resolve the backbone settings of a config; checkpoints store the result so that evaluation
-    rebuilds the same trunk. cifar_stem "auto" turns the CIFAR stem on for images of 64 px or less."""
-    if arch not in RESNETS and arch not in VITS:
-        raise UsageError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    rebuilds the same trunk. cifar_stem "auto" turns the CIFAR stem on for ResNets at 64 px or less."""
+    if arch not in RESNETS and arch not in VITS and (arch not in _other_models() or _unsuitable(arch)):
+        why = f" ({_unsuitable(arch)})" if _unsuitable(arch) else ""
+        raise UsageError(f"unknown arch {arch!r}{why}; choose one of {', '.join(ARCHS)}, or any torchvision "
+                         "classification model name (torchvision.models.list_models())")
     stems = {"auto": image_size <= 64, "true": True, "false": False, True: True, False: False}
     if cifar_stem not in stems:
         raise UsageError(f"cifar_stem must be auto, true or false, got {cifar_stem!r}")
+    if stems[cifar_stem] and cifar_stem != "auto" and arch not in RESNETS:
+        raise UsageError(f"cifar_stem applies to ResNets only, not to {arch}; set it to auto or false")
     if arch in VITS and image_size % patch_size:
         raise UsageError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+    if stems[cifar_stem] and arch not in RESNETS and arch not in VITS and int(os.environ.get("RANK", "0")) == 0:
+        print(f"note: {arch} keeps its ImageNet stem and downsampling, made for 224-px images: {image_size}-px "
+              "images shrink to a few pixels or one; the CIFAR stem exists for ResNets only", flush=True)
     return {"arch": arch, "image_size": image_size, "cifar_stem": stems[cifar_stem] and arch in RESNETS,
             "patch_size": patch_size}
 
 
-def build_backbone(arch, image_size=224, cifar_stem=False, patch_size=16, zero_init_residual=False):
-    """Return (trunk, feature width); the first arguments are those of backbone_args. zero_init_residual starts
-    the last BN of each residual block at gamma 0, so that every block begins as the identity (Goyal et al. 2017;
-    the official SimSiam and Barlow Twins code do this). It is only an initialisation: evaluation rebuilds the
-    trunk without it, so it is not part of backbone_args."""
+def build_backbone(arch, image_size=224, cifar_stem=False, patch_size=16, zero_init_residual=False, drop_path=0.0,
+                   pos_embed="learned", freeze_patch_embed=False):
+    """Return (trunk, feature width); the first arguments are those of backbone_args. The others only change
+    how the trunk trains, not its weights' shapes, so they are not part of backbone_args (evaluation rebuilds
+    the trunk without them and loads the weights):
+    - zero_init_residual (ResNets): the last BN of each residual block starts at gamma 0, so that every block
+      begins as the identity (Goyal et al. 2017; the official SimSiam, Barlow Twins and MoCo v3 code do this);
+    - drop_path (ViTs): stochastic depth on both residual branches of each block, its rate rising linearly from
+      0 at the first block to drop_path at the last (DeiT, DINO);
+    - pos_embed (ViTs): "learned" (torchvision's) or "sincos", MoCo v3's fixed 2-D sine-cosine embedding;
+    - freeze_patch_embed (ViTs): the random patch projection is never trained (MoCo v3's stop-grad-conv1)."""
+    if arch not in VITS and (drop_path or pos_embed != "learned" or freeze_patch_embed):
+        raise UsageError(f"drop_path, pos_embed and freeze_patch_embed apply to ViTs only, not to {arch}; leave them "
+                         "at 0, learned and false")
     if zero_init_residual and arch not in RESNETS:
         raise UsageError(f"zero_init_residual applies to ResNets only, not to {arch}; set it to false")
     if arch in RESNETS:
@@ -64,9 +109,89 @@ def build_backbone(arch, image_size=224, cifar_stem=False, patch_size=16, zero_i
         return net, width
     if arch in VITS:
         layers, heads, width, mlp = VITS[arch]
-        net = tvm.VisionTransformer(image_size=image_size, patch_size=patch_size, num_layers=layers,
-                                    num_heads=heads, hidden_dim=width, mlp_dim=mlp)
+        net = ViT(image_size=image_size, patch_size=patch_size, num_layers=layers, num_heads=heads, hidden_dim=width,
+                  mlp_dim=mlp)
         net.heads = nn.Identity()  # forward returns the class token
+        if pos_embed not in ("learned", "sincos"):
+            raise UsageError(f"pos_embed must be learned or sincos, got {pos_embed!r}")
+        if pos_embed == "sincos":
+            with torch.no_grad():
+                net.encoder.pos_embedding.copy_(sincos_position_embedding(image_size // patch_size, width))
+            net.encoder.pos_embedding.requires_grad_(False)
+        if freeze_patch_embed:
+            net.conv_proj.requires_grad_(False)
+        if drop_path:
+            add_drop_path(net, drop_path)
         return net, width
-    raise UsageError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    kwargs = {"aux_logits": False, "init_weights": True} if arch == "googlenet" else {}
+    net = tvm.get_model(arch, weights=None, **kwargs)
+    parent_name, last = [(name, m) for name, m in net.named_modules() if isinstance(m, nn.Linear)][-1]
+    width = last.in_features
+    parent, _, child = parent_name.rpartition(".")
+    setattr(net.get_submodule(parent) if parent else net, child, nn.Identity())
+    return net, width
 
+
+class ViT(tvm.VisionTransformer):
+    """torchvision's VisionTransformer (the same parameters and state_dict keys) at any input size whose sides
+    are multiples of the patch size: the position embedding of the patches is resized bicubically to the input's
+    patch grid (the class token's is kept), as DINO and MoCo v3 evaluate at other sizes. At the build size it
+    computes exactly what torchvision's forward does."""
+
+    def forward(self, x):
+        n, _, h, w = x.shape
+        p = self.patch_size
+        if h % p or w % p:
+            raise ValueError(f"a ViT with patch_size {p} needs input sides that are multiples of it, got {h} x {w}")
+        x = self.conv_proj(x).flatten(2).transpose(1, 2)  # n x (h/p * w/p) x width
+        x = torch.cat([self.class_token.expand(n, -1, -1), x], dim=1)
+        x = x + resized_position_embedding(self.encoder.pos_embedding, h // p, w // p)
+        x = self.encoder.ln(self.encoder.layers(self.encoder.dropout(x)))
+        return self.heads(x[:, 0])  # the class token
+
+
+def resized_position_embedding(pos, grid_h, grid_w):
+    """pos: 1 x (1 + g * g) x width for a g x g patch grid; returns it for a grid_h x grid_w grid."""
+    g = math.isqrt(pos.shape[1] - 1)
+    if (grid_h, grid_w) == (g, g):
+        return pos
+    patches = pos[:, 1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)  # 1 x width x g x g
+    patches = F.interpolate(patches, size=(grid_h, grid_w), mode="bicubic", align_corners=False)
+    return torch.cat([pos[:, :1], patches.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1)], dim=1)
+
+
+def sincos_position_embedding(grid, width):
+    """MoCo v3's fixed 2-D sine-cosine embedding, 1 x (1 + grid^2) x width: for the patch in row y, column x,
+    [sin(x w), cos(x w), sin(y w), cos(y w)] with w_k = 10000^(-k / (width / 4)); zeros for the class token."""
+    if width % 4:
+        raise UsageError(f"the sin-cos position embedding needs a width divisible by 4, got {width}")
+    omega = 1.0 / 10000 ** (torch.arange(width // 4, dtype=torch.float64) / (width // 4))
+    y, x = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                          indexing="ij")
+    x, y = x.flatten()[:, None] * omega, y.flatten()[:, None] * omega  # grid^2 x width / 4, row by row
+    patches = torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1)
+    return torch.cat([torch.zeros(1, width, dtype=torch.float64), patches])[None].float()
+
+
+class DropPathBlock(EncoderBlock):
+    """torchvision's EncoderBlock (the same parameters) with stochastic depth on its two residual branches."""
+
+    def __init__(self, block, rate):
+        attention = block.self_attention
+        super().__init__(attention.num_heads, attention.embed_dim, block.mlp[0].out_features, block.dropout.p,
+                         attention.dropout, partial(nn.LayerNorm, eps=block.ln_1.eps))
+        self.load_state_dict(block.state_dict())
+        self.drop_path = StochasticDepth(rate, "row")
+
+    def forward(self, input):
+        x, _ = self.self_attention(*[self.ln_1(input)] * 3, need_weights=False)
+        x = input + self.drop_path(self.dropout(x))
+        return x + self.drop_path(self.mlp(self.ln_2(x)))
+
+
+def add_drop_path(vit, drop_path):
+    """Stochastic depth in every block of `vit`, the rate rising linearly from 0 to drop_path."""
+    layers = vit.encoder.layers
+    rates = torch.linspace(0, drop_path, len(layers)).tolist()
+    for i, (name, block) in enumerate(layers.named_children()):
+        setattr(layers, name, DropPathBlock(block, rates[i]))

@@ -1,0 +1,119 @@
+"""Backbones beyond the ResNets and ViTs at their build size (tests/test_common.py): ViTs at any input size,
+drop-path, MoCo v3's fixed sin-cos position embedding and frozen patch projection, and any torchvision
+classification model by name. Every trunk still loads with strict=True into the torchvision model."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision.models as tvm
+
+from common.backbones import backbone_args, build_backbone, resized_position_embedding, sincos_position_embedding
+from common.config import UsageError
+
+
+def vit(**options):
+    return build_backbone(**backbone_args("vit_tiny", 32, patch_size=8), **options)[0]
+
+
+def torchvision_vit(image_size=32, patch_size=8):
+    net = tvm.VisionTransformer(image_size=image_size, patch_size=patch_size, num_layers=12, num_heads=3,
+                                hidden_dim=192, mlp_dim=768)
+    net.heads = nn.Identity()
+    return net
+
+
+def test_vit_equals_torchvisions_at_its_build_size_and_runs_at_others():
+    torch.manual_seed(0)
+    trunk, reference = vit().eval(), torchvision_vit().eval()
+    reference.load_state_dict(trunk.state_dict(), strict=True)
+    trunk.load_state_dict(reference.state_dict(), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(trunk(x), reference(x))
+    for h, w in ((16, 16), (48, 48), (24, 40)):  # the position embedding resized to the patch grid
+        assert trunk(torch.randn(2, 3, h, w)).shape == (2, 192)
+    with pytest.raises(ValueError, match="patch_size 8 needs input sides that are multiples of it, got 30 x 30"):
+        trunk(torch.randn(1, 3, 30, 30))
+
+
+def test_position_embedding_resize_keeps_the_class_token_and_a_constant_grid():
+    pos = torch.randn(1, 1 + 16, 8)
+    assert resized_position_embedding(pos, 4, 4) is pos  # the build grid: untouched
+    pos[:, 1:] = pos[:, 1:2]  # the same embedding at every patch
+    resized = resized_position_embedding(pos, 6, 3)
+    assert resized.shape == (1, 1 + 18, 8) and torch.equal(resized[:, 0], pos[:, 0])
+    torch.testing.assert_close(resized[:, 1:], pos[:, 1:2].expand(1, 18, 8))
+
+
+def test_sincos_position_embedding_is_fixed_and_follows_the_formula():
+    trunk = vit(pos_embed="sincos")
+    pos = trunk.encoder.pos_embedding
+    assert not pos.requires_grad and pos.shape == (1, 1 + 16, 192)
+    assert torch.equal(pos[0, 0], torch.zeros(192))
+    for row, col in ((0, 0), (1, 2), (3, 3)):
+        token, k = pos[0, 1 + 4 * row + col], 5
+        omega = 1 / 10000 ** (k / 48)
+        expected = [math.sin(col * omega), math.cos(col * omega), math.sin(row * omega), math.cos(row * omega)]
+        assert [token[k + 48 * i].item() for i in range(4)] == pytest.approx(expected, abs=1e-6)
+    optimizer = torch.optim.SGD([p for p in trunk.parameters() if p.requires_grad], lr=1.0)
+    before = pos.clone()
+    trunk(torch.randn(2, 3, 32, 32)).sum().backward()
+    optimizer.step()
+    assert torch.equal(pos, before) and pos.grad is None
+    torchvision_vit().load_state_dict(trunk.state_dict(), strict=True)
+    with pytest.raises(UsageError, match="divisible by 4"):
+        sincos_position_embedding(4, 6)
+
+
+def test_frozen_patch_projection_gets_no_gradient():
+    trunk = vit(freeze_patch_embed=True)
+    trunk(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert trunk.conv_proj.weight.grad is None and trunk.conv_proj.bias.grad is None
+    assert trunk.encoder.layers[0].mlp[0].weight.grad is not None
+
+
+def test_drop_path_rises_linearly_and_leaves_evaluation_and_weights_alone():
+    torch.manual_seed(0)
+    plain = vit().eval()
+    dropped = vit(drop_path=0.5)
+    dropped.load_state_dict(plain.state_dict(), strict=True)  # the same keys: evaluation loads it unchanged
+    rates = [block.drop_path.p for block in dropped.encoder.layers]
+    assert rates == pytest.approx([0.5 * i / 11 for i in range(12)])
+    x = torch.randn(4, 3, 32, 32)
+    assert torch.equal(dropped.eval()(x), plain(x))  # eval: no drop
+    dropped.train()
+    torch.manual_seed(1)
+    first = dropped(x)
+    torch.manual_seed(2)
+    assert not torch.equal(first, dropped(x))  # train: a different draw of dropped paths
+
+
+@pytest.mark.parametrize("arch, width", [("convnext_tiny", 768), ("efficientnet_b0", 1280), ("regnet_y_400mf", 440),
+                                         ("densenet121", 1024), ("vgg11_bn", 4096), ("mobilenet_v3_large", 1280)])
+def test_any_torchvision_classification_model(arch, width, capsys):
+    """The last Linear replaced by nn.Identity: the trunk loads strict into get_model(arch) with the same change."""
+    trunk, w = build_backbone(**backbone_args(arch, 32, "auto"))
+    assert "keeps its ImageNet stem" in capsys.readouterr().out
+    assert w == width and trunk.eval()(torch.randn(2, 3, 32, 32)).shape == (2, width)
+    reference = tvm.get_model(arch)
+    parent, _, child = [name for name, m in reference.named_modules() if isinstance(m, nn.Linear)][-1].rpartition(".")
+    setattr(reference.get_submodule(parent) if parent else reference, child, nn.Identity())
+    reference.load_state_dict(trunk.state_dict(), strict=True)
+
+
+@pytest.mark.parametrize("arch, options, fragment", [
+    ("convnext_tiny", dict(cifar_stem="true"), "cifar_stem applies to ResNets only, not to convnext_tiny"),
+    ("vit_b_16", {}, "torchvision's ViTs take one input size"),
+    ("no_such_net", {}, "or any torchvision classification model name"),
+])
+def test_unsuitable_arch_settings_are_clear_errors(arch, options, fragment):
+    with pytest.raises(UsageError, match=fragment):
+        backbone_args(arch, 32, **options)
+
+
+def test_vit_options_on_a_resnet_are_clear_errors():
+    for options in (dict(drop_path=0.1), dict(pos_embed="sincos"), dict(freeze_patch_embed=True)):
+        with pytest.raises(UsageError, match="apply to ViTs only, not to resnet18"):
+            build_backbone(**backbone_args("resnet18", 32), **options)
+    with pytest.raises(UsageError, match="pos_embed must be learned or sincos"):
+        vit(pos_embed="rope")
