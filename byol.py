@@ -57,7 +57,7 @@ class Config:
     download: bool = False  # let torchvision download cifar10 / cifar100 / stl10 into data_dir
     subset: int = 0  # pre-train on a fixed random subset of this many images (0 = all)
     image_size: int = 32  # side of the random crops
-    augment: str = "asym"  # view preset (common/augment.py): sym | sym_weak | asym
+    augment: str = "asym"  # view preset (common/augment.py): sym | sym_weak | moco_v1 | asym
     crop_min_scale: float = 0.08  # smallest area fraction of RandomResizedCrop
     num_workers: int = 4  # data-loading processes per rank
     bad_images: str = "stop"  # an unreadable image file: stop (naming it) | skip (warn, use the next image)
@@ -75,13 +75,13 @@ class Config:
     # optimisation
     epochs: int = 1000  # training length
     batch_size: int = 256  # images per rank; global_batch = batch_size x world_size
-    optimizer: str = "lars"  # lars | sgd
+    optimizer: str = "lars"  # lars | sgd | adamw (AdamW: torch's betas (0.9, 0.999), as MoCo v3 and DINO)
     lr: float = 1.0  # per 256 images: the peak lr is lr x global_batch / 256
     min_lr: float = 0.0  # lr at the end of the cosine
     warmup_epochs: float = 10.0  # linear warm-up from 0 to the peak lr
     bias_lr_ratio: float = 1.0  # lr of biases and norm parameters = this x the scheduled lr
     weight_decay: float = 1e-5  # on weights; biases and norm parameters: see decay_bias_and_norm
-    decay_bias_and_norm: bool = False  # SGD only: weight decay on biases and norm parameters too
+    decay_bias_and_norm: bool = False  # SGD / AdamW: weight decay on biases and norm parameters too
     momentum: float = 0.9  # SGD / LARS momentum
     lars_eta: float = 0.02  # LARS trust coefficient
     lars_clip: bool = True  # LARC-style clipping: the adapted lr never exceeds the scheduled lr
@@ -106,17 +106,19 @@ class Config:
 
 
 # ---- model ----
-def mlp(in_dim, hidden_dim, out_dim, layers=2, bias=True, last_bias=None, last_bn=None):
+def mlp(in_dim, hidden_dim, out_dim, layers=2, bias=True, last_bias=None, last_bn=None, hidden_bn=True):
     """The projector / predictor of every script, built one way: `layers` Linear layers in_dim -> hidden_dim
     -> ... -> out_dim, each but the last followed by BN and ReLU. The papers' heads differ only in the
-    arguments: biases of the Linear layers (`bias`; `last_bias` for the output layer, default `bias`) and a
-    BN on the output too (`last_bn`: "affine", or "plain" for affine=False)."""
+    arguments: biases of the Linear layers (`bias`; `last_bias` for the output layer, default `bias`), a BN on
+    the output too (`last_bn`: "affine", or "plain" for affine=False) and none on the hidden layers
+    (`hidden_bn=False`: MoCo v2's and SupCon's official Linear-ReLU-Linear)."""
     if layers < 1:
         raise UsageError(f"a projector or predictor needs at least 1 layer, got {layers}")
     dims = [in_dim] + [hidden_dim] * (layers - 1)
     blocks = []
     for d_in, d_out in zip(dims, dims[1:]):
-        blocks += [nn.Linear(d_in, d_out, bias=bias), nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]
+        norm = [nn.BatchNorm1d(d_out)] if hidden_bn else []
+        blocks += [nn.Linear(d_in, d_out, bias=bias), *norm, nn.ReLU(inplace=True)]
     blocks.append(nn.Linear(dims[-1], out_dim, bias=bias if last_bias is None else last_bias))
     if last_bn:
         blocks.append(nn.BatchNorm1d(out_dim, affine=last_bn == "affine"))
@@ -216,13 +218,13 @@ class LARS(torch.optim.Optimizer):
 
 
 def build_optimizer(cfg, model, fixed_lr=()):
-    """LARS or SGD over the trained parameters (requires_grad), in the groups that set_lr schedules: weights
+    """LARS, SGD or AdamW over the trained parameters (requires_grad), in the groups that set_lr schedules: weights
     (ndim > 1), and biases + norm parameters (ndim == 1) at lr x bias_lr_ratio, without weight decay unless
-    decay_bias_and_norm (SGD; LARS never decays or adapts them). Parameters in `fixed_lr` keep the peak lr."""
-    if cfg.optimizer not in ("lars", "sgd"):
-        raise UsageError(f"optimizer must be lars or sgd, got {cfg.optimizer!r}")
+    decay_bias_and_norm (SGD, AdamW; LARS never decays or adapts them). Parameters in `fixed_lr` keep the peak lr."""
+    if cfg.optimizer not in ("lars", "sgd", "adamw"):
+        raise UsageError(f"optimizer must be lars, sgd or adamw, got {cfg.optimizer!r}")
     if cfg.decay_bias_and_norm and cfg.optimizer == "lars":
-        raise UsageError("decay_bias_and_norm needs --optimizer sgd: LARS never decays biases and norm parameters")
+        raise UsageError("decay_bias_and_norm needs --optimizer sgd or adamw: LARS never decays biases and norms")
     fixed = {id(p) for p in fixed_lr}
     groups = []
     for is_fixed in (False, True):
@@ -234,6 +236,8 @@ def build_optimizer(cfg, model, fixed_lr=()):
     if cfg.optimizer == "lars":
         return LARS(groups, lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                     eta=cfg.lars_eta, clip=cfg.lars_clip)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=0.0, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
@@ -251,9 +255,9 @@ def lr_at(step, total_steps, warmup_steps, peak_lr, min_lr=0.0):
     return min_lr + 0.5 * (peak_lr - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def tau_at(step, total_steps, base_tau):
-    """EMA rate tau of the target, as in the paper: base_tau at step 0, a cosine up to 1 at total_steps."""
-    return 1 - (1 - base_tau) * (math.cos(math.pi * min(step, total_steps) / total_steps) + 1) / 2
+def tau_at(step, total_steps, base_tau, final_tau=1.0):
+    """EMA rate tau of the target: base_tau at step 0, a cosine up to final_tau at total_steps (BYOL: 1)."""
+    return final_tau - (final_tau - base_tau) * (math.cos(math.pi * min(step, total_steps) / total_steps) + 1) / 2
 
 
 # ---- training ----

@@ -3,6 +3,7 @@
 Presets (jitter = brightness, contrast, saturation, hue, applied with p 0.8; grayscale p 0.2):
   sym       SimCLR:          jitter 0.8/0.8/0.8/0.2, blur p 0.5
   sym_weak  MoCo v2:         jitter 0.4/0.4/0.4/0.1, blur p 0.5
+  moco_v1   MoCo v1:         jitter 0.4/0.4/0.4/0.4, no blur (the official code jitters every image; here p 0.8)
   asym      BYOL and family: jitter 0.4/0.4/0.2/0.1; view 1 blur p 1.0, solarize 0; view 2 blur p 0.1,
                              solarize 0.2
 Gaussian blur is left out below 96 px, as in the CIFAR recipes: at 32 px it destroys the image.
@@ -16,6 +17,7 @@ from common.data import MEAN_STD
 PRESETS = {
     "sym": [dict(jitter=(0.8, 0.8, 0.8, 0.2), blur=0.5, solarize=0.0)] * 2,
     "sym_weak": [dict(jitter=(0.4, 0.4, 0.4, 0.1), blur=0.5, solarize=0.0)] * 2,
+    "moco_v1": [dict(jitter=(0.4, 0.4, 0.4, 0.4), blur=0.0, solarize=0.0)] * 2,
     "asym": [dict(jitter=(0.4, 0.4, 0.2, 0.1), blur=1.0, solarize=0.0),
              dict(jitter=(0.4, 0.4, 0.2, 0.1), blur=0.1, solarize=0.2)],
 }

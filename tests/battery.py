@@ -33,7 +33,7 @@ def run_ranks(fn, world_size, *args):
 @dataclass
 class MethodCase:
     """A method's entry in the battery (tests/test_battery.py). Each method has a tests/case_<method>.py
-    defining CASE = MethodCase(...), and its name in test_battery.METHODS."""
+    defining CASE = MethodCase(...); test_battery.METHODS finds it."""
     model: str  # the name of the script's model class (an nn.Module with .backbone and .backbone_args)
     inputs: Callable  # () -> dict of whole-batch tensors (batch first): the loss's inputs
     call: Callable  # (module, inputs) -> (loss, buffers dict); runs on a rank's share under torch.distributed
