@@ -1,0 +1,167 @@
+"""MoCo-specific checks: shuffle-BN (against its definition, and 2 ranks = 1 process), the key encoder's
+stop-gradient and EMA, the queue's rows, v1's one-direction loss and step schedule, the settings that must fit
+together, every config, and v3 with a ViT and v1 with shuffle-BN run end to end (the battery runs the default,
+v2+). The battery (tests/case_moco.py) checks both loss forms and the queue across ranks."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import moco
+from battery import quick_args, run_ranks
+from common.config import UsageError, load_config
+from helpers import REPO, assert_ok, read_jsonl, run_script, run_torchrun
+
+
+def tiny(**overrides):
+    settings = dict(image_size=16, batch_size=4, proj_hidden_dim=16, proj_dim=8, pred_hidden_dim=16, queue_size=8)
+    return moco.Config(**{**settings, **overrides})
+
+
+def images(n=8):
+    return torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+
+
+# ---- shuffle-BN ----
+def _shuffled_keys(rank, world_size):
+    torch.manual_seed(0)
+    model = moco.MoCo(tiny(shuffle_bn=True, bn_groups=2), world_size).train()
+    x = images().chunk(world_size)[rank]
+    return model.keys(x, draw=5)
+
+
+def test_shuffle_bn_keys_follow_the_definition():
+    """Each key is the key encoder's output for its image inside its BN group of the shuffled global batch."""
+    torch.manual_seed(0)
+    model = moco.MoCo(tiny(shuffle_bn=True, bn_groups=2)).train()
+    x = images()
+    keys = model.keys(x, draw=5)
+    order = torch.randperm(8, generator=torch.Generator().manual_seed(0 * 1_000_003 + 5))
+    expected = torch.empty_like(keys)
+    for group in order.view(2, 4):  # groups of 4 images of the shuffled batch
+        expected[group] = model.key_projector(model.key_backbone(x[group]))
+    torch.testing.assert_close(keys, expected)
+    in_order = torch.cat([model.key_projector(model.key_backbone(part)) for part in x.chunk(2)])
+    assert not torch.allclose(keys, in_order, atol=1e-3)  # the groups' statistics differ: the test can fail
+    assert model.queries(x).shape == (8, 8)
+
+
+def test_shuffle_bn_on_two_ranks_equals_one_process():
+    """bn_groups fixes the BN groups of the global batch: 2 ranks x 1 group = 1 process x 2 groups."""
+    whole = _shuffled_keys(0, 1)
+    ranks = run_ranks(_shuffled_keys, 2)
+    torch.testing.assert_close(torch.cat(ranks), whole)
+
+
+# ---- the key encoder ----
+def test_key_encoder_gets_no_gradient_and_follows_the_ema():
+    torch.manual_seed(0)
+    model = moco.MoCo(tiny(version=3)).train()
+    q1, q2, k1, k2 = model(images(), images().flip(0), step=0)
+    assert not k1.requires_grad and not k2.requires_grad  # MoCo.forward's torch.no_grad: the stop-gradient
+    moco.moco_loss(q1, q2, k1, k2, 0.2).backward()
+    assert all(p.grad is None for p in list(model.key_backbone.parameters()) + list(model.key_projector.parameters()))
+    assert model.backbone.conv1.weight.grad is not None and model.predictor[0].weight.grad is not None
+    online = {name: p.detach().clone() for name, p in model.named_parameters() if not name.startswith("key_")}
+    before = {name: p.clone() for name, p in model.named_parameters() if name.startswith("key_")}
+    with torch.no_grad():
+        for p in model.backbone.parameters():
+            p.add_(1.0)
+    model.update_key_encoder(0.75)
+    for name, p in model.named_parameters():
+        if name.startswith("key_"):
+            theta = model.get_parameter(name[len("key_"):])
+            torch.testing.assert_close(p, 0.75 * before[name] + 0.25 * theta.detach())
+    assert len(before) == len([n for n in online if not n.startswith("predictor.")])  # no key predictor
+
+
+def test_tau_schedule_ends_and_fixed_rate():
+    assert moco.tau_at(0, 100, 0.99, 1.0) == pytest.approx(0.99)
+    assert moco.tau_at(100, 100, 0.99, 1.0) == 1.0
+    assert moco.tau_at(50, 100, 0.99, 0.999) == pytest.approx((0.99 + 0.999) / 2)
+    assert [moco.tau_at(s, 100, 0.999, 0.999) for s in range(101)] == pytest.approx([0.999] * 101)
+
+
+# ---- the queue ----
+def test_enqueue_overwrites_the_oldest_rows_and_wraps():
+    queue = torch.zeros(12, 2)
+    for step in range(4):  # 3 batches of 4 fill the queue, the 4th overwrites the first
+        moco.enqueue(queue, torch.full((4, 2), float(step + 1)), step)
+    expected = torch.tensor([4.0] * 4 + [2.0] * 4 + [3.0] * 4)
+    torch.testing.assert_close(queue, F.normalize(expected[:, None].expand(12, 2), dim=1))
+
+
+def test_v1_loss_is_one_direction_against_the_queue():
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g)
+    queue = F.normalize(torch.randn(1, 5, 6, generator=g), dim=2)
+    loss = moco.moco_loss(q, None, None, k, 0.07, queue)
+    total = 0.0
+    for i in range(4):
+        logits = [F.cosine_similarity(q[i], k[i], dim=0).item()] + [
+            F.cosine_similarity(q[i], negative, dim=0).item() for negative in queue[0]]
+        total += -logits[0] / 0.07 + math.log(sum(math.exp(s / 0.07) for s in logits))
+    assert loss.item() == pytest.approx(total / 4, rel=1e-5)
+
+
+def test_v1_step_schedule():
+    assert [moco.step_lr_at(s, 10, 0.3, (2, 3)) for s in (0, 19, 20, 29, 30, 99)] == pytest.approx(
+        [0.3, 0.3, 0.03, 0.03, 0.003, 0.003])
+
+
+# ---- settings ----
+@pytest.mark.parametrize("overrides, fragment", [
+    (dict(queue_size=10), "queue_size 10 must be a positive multiple of the global batch 4"),
+    (dict(version=4), "version must be 1, 2 or 3"),
+    (dict(version=3, shuffle_bn=True), "shuffle_bn is for the queue of v1 / v2"),
+    (dict(shuffle_bn=True, bn_groups=1), "shuffle_bn needs bn_groups >= 2"),
+    (dict(shuffle_bn=True, bn_groups=3), "shuffle_bn needs bn_groups >= 2"),
+    (dict(lr_drops=(120, 160)), "lr_drops replaces the cosine and its warm-up"),
+])
+def test_settings_that_do_not_fit_are_clear_errors(overrides, fragment):
+    with pytest.raises(UsageError, match=fragment):
+        moco.MoCo(tiny(**overrides))
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("moco*.yaml")))
+def test_every_config_builds_its_model(name):
+    cfg = load_config(moco.Config, ["--config", str(REPO / "configs" / name)])
+    model = moco.MoCo(cfg)
+    assert (model.queue is None) == (cfg.version == 3)
+    assert isinstance(model.predictor, torch.nn.Identity) == (cfg.version < 3)
+    if cfg.freeze_patch_embed:
+        assert not any(p.requires_grad for p in model.backbone.conv_proj.parameters())
+
+
+# ---- end to end: v3 with a ViT, v1 with shuffle-BN under torchrun ----
+def test_v3_vit_trains_and_its_checkpoint_evaluates(tmp_path):
+    out = tmp_path / "vit"
+    assert_ok(run_script(quick_args("moco", out, "--version", "3", "--arch", "vit_tiny", "--patch_size", "8",
+                                    "--pos_embed", "sincos", "--freeze_patch_embed", "true", "--optimizer", "adamw",
+                                    "--lr", "1e-3", "--proj_layers", "3", "--proj_last_bn", "true",
+                                    "--pred_last_bn", "true", "--channels_last", "false", epochs=1)))
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    state = ckpt["model"]
+    for name in ("conv_proj.weight", "conv_proj.bias", "encoder.pos_embedding"):  # frozen: EMA of a constant
+        torch.testing.assert_close(state[f"backbone.{name}"], state[f"key_backbone.{name}"], rtol=1e-6, atol=1e-7)
+    moved = state["backbone.encoder.layers.encoder_layer_0.mlp.0.weight"] - state[
+        "key_backbone.encoder.layers.encoder_layer_0.mlp.0.weight"]
+    assert moved.abs().max() > 1e-5  # a trained weight: the key encoder lags behind it
+    assert not any(key.startswith("key_predictor") for key in state)
+    linear = ["linear_eval.py", "--epochs", "1", "--cache_features", "true", "--batch_size", "32"]
+    for script in (["knn_eval.py"], linear):
+        assert_ok(run_script(script + ["--checkpoint", str(out / "last.pt"), "--train_subset", "64",
+                                       "--val_subset", "32", "--num_workers", "0"]))
+
+
+def test_v1_shuffle_bn_trains_under_torchrun(tmp_path):
+    out = tmp_path / "v1"
+    assert_ok(run_torchrun(2, quick_args("moco", out, "--version", "1", "--symmetric", "false", "--shuffle_bn",
+                                         "true", "--bn_groups", "4", "--proj_layers", "1", "--lr_drops", "[1]",
+                                         "--warmup_epochs", "0", "--log_every", "1", epochs=2)))
+    lrs = [line["train/lr"] for line in read_jsonl(out / "metrics.jsonl") if "train/lr" in line]
+    assert lrs == pytest.approx([0.3 * 32 / 256] * 2 + [0.03 * 32 / 256] * 2)  # the drop at epoch 1
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["step"] == 4 and ckpt["model"]["queue"].shape == (1, 64, 32)
+    assert torch.allclose(ckpt["model"]["queue"].norm(dim=2), torch.ones(1, 64))
