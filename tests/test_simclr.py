@@ -32,3 +32,19 @@ def test_official_projector_option():
     held = {id(p) for group in simclr.build_optimizer(cfg, model).param_groups for p in group["params"]}
     assert id(projector[4].weight) in held and id(projector[4].bias) not in held
     assert not projector[4].bias.requires_grad and bool((projector[4].bias == 0).all())
+
+
+def test_simclr_v2_config_builds_the_deeper_head():
+    """configs/simclr_v2.yaml: SimCLR v2's 3-layer projector, BN on every layer, no biases, the output BN scaling
+    but never shifting; mlp without hidden BN (hidden_bn=False) for the heads that have none."""
+    from common.config import load_config
+    from helpers import REPO
+    cfg = load_config(simclr.Config, ["--config", str(REPO / "configs" / "simclr_v2.yaml")])
+    cfg.arch = "resnet18"  # the head's shape, without building a ResNet-50
+    projector = simclr.SimCLR(cfg).projector
+    assert [type(m).__name__ for m in projector] == ["Linear", "BatchNorm1d", "ReLU"] * 2 + ["Linear", "BatchNorm1d"]
+    assert [m.out_features for m in projector if isinstance(m, torch.nn.Linear)] == [2048, 2048, 128]
+    assert all(m.bias is None for m in projector if isinstance(m, torch.nn.Linear))
+    assert not projector[-1].bias.requires_grad
+    plain = simclr.mlp(8, 16, 4, layers=3, hidden_bn=False)
+    assert [type(m).__name__ for m in plain] == ["Linear", "ReLU", "Linear", "ReLU", "Linear"]
