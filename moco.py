@@ -252,7 +252,7 @@ def check_moco(cfg, world_size):
 # ---- loss and cross-rank operations ----
 @torch.no_grad()
 def gather_no_grad(x):
-    """all_gather along dim 0, no grad (targets only): keys, never trained through."""
+    """all_gather along dim 0, no grad (targets only): keys, labels, what is never trained through."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return x.detach()
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]

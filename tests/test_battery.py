@@ -49,7 +49,8 @@ def test_loss_matches_per_sample_formula(method):
 # ---- (2) two ranks with half the batch each = one rank with the whole batch ----
 def _half_batch(rank, world_size, method):
     case, module = case_of(method), importlib.import_module(method)
-    share = {k: v.chunk(world_size)[rank].clone().requires_grad_() for k, v in case.inputs().items()}
+    share = {k: v.chunk(world_size)[rank].clone().requires_grad_(v.is_floating_point())  # labels: no gradient
+             for k, v in case.inputs().items()}
     loss, buffers = case.call(module, share)
     loss.backward()
     return {"loss": loss.detach(), "grads": {k: _grad(v) for k, v in share.items()}, "buffers": buffers}
@@ -63,12 +64,12 @@ def _grad(x):
 @pytest.mark.parametrize("method", METHODS)
 def test_distributed_equals_single_process(method):
     case, module = case_of(method), importlib.import_module(method)
-    whole = {k: v.clone().requires_grad_() for k, v in case.inputs().items()}
+    whole = {k: v.clone().requires_grad_(v.is_floating_point()) for k, v in case.inputs().items()}
     loss, buffers = case.call(module, whole)
     loss.backward()
     ranks = run_ranks(_half_batch, 2, method)
     assert torch.stack([r["loss"] for r in ranks]).mean().item() == pytest.approx(loss.item(), rel=1e-5)
-    for name, x in whole.items():
+    for name, x in ((name, x) for name, x in whole.items() if x.is_floating_point()):  # not the labels
         per_rank = torch.cat([r["grads"][name] for r in ranks]) / len(ranks)
         torch.testing.assert_close(per_rank, _grad(x), rtol=1e-4, atol=1e-6)
     for name, value in buffers.items():
@@ -367,7 +368,8 @@ def test_lr_schedule_endpoints(method):
 
 
 SHARED = ["mlp", "LARS", "build_optimizer", "set_lr", "lr_at"]
-SHARED_IF_USED = {"GatherWithGrad": "simclr", "gather_with_grad": "simclr", "ema_update": "byol", "tau_at": "byol"}
+SHARED_IF_USED = {"GatherWithGrad": "simclr", "gather_with_grad": "simclr", "gather_no_grad": "moco",
+                  "ema_update": "byol", "tau_at": "byol"}
 
 
 @pytest.mark.parametrize("method", METHODS[1:])

@@ -1,0 +1,361 @@
+"""SupCon: "Supervised Contrastive Learning".
+Prannay Khosla, Piotr Teterwak, Chen Wang, Aaron Sarna, Yonglong Tian, Phillip Isola, Aaron Maschinot, Ce Liu,
+Dilip Krishnan. NeurIPS 2020. arXiv:2004.11362.
+
+SimCLR's contrastive loss with the class labels deciding the positives: every other view of an image of the
+same class is a positive. Over the 2N views of a GLOBAL batch (projections gathered from every rank with their
+gradient, labels from every rank), with A(i) = all views but i and P(i) = the views in A(i) of i's class, the
+paper's recommended L_out (its Eq. 2: the mean over positives OUTSIDE the log) is
+
+    L = sum_i -1/|P(i)| sum_{p in P(i)} log( exp(z_i . z_p / tau) / sum_{a in A(i)} exp(z_i . z_a / tau) ),
+
+averaged here over the 2N anchors, as the official code does (an anchor with no positive, possible with one
+view, contributes 0, never NaN). With every label distinct it is SimCLR's NT-Xent (tests/test_supcon.py).
+The official code multiplies the loss by tau / 0.07 and the paper's ImageNet runs by tau ("for stability"):
+loss_scale. It uses the labels in pre-training, so it is not self-supervised: its linear-evaluation accuracy is
+the figure to compare with cross-entropy training of the same network (the paper's comparison: 96.0 against
+95.0 % on CIFAR-10, 78.7 against 78.2 % on ImageNet with ResNet-50), not with the self-supervised methods.
+
+The paper's method in this file:
+    x~ = Aug(x), two views per image           two_views (common/augment.py), reproducible per (seed, epoch, image)
+    z = Proj(Enc(x~)), L2-normalised           SupCon.forward: both views in one pass; normalised in supcon_loss
+    P(i) from the labels of the GLOBAL batch   supcon_loss: labels gathered from every rank
+    L_out^sup (Eq. 2)                          supcon_loss: log-softmax over A(i), mean over P(i), mean over i
+    update Enc and Proj to minimise L          SGD / LARS step in train()
+After training, only the encoder Enc is kept ("backbone" in the checkpoint): the representation that
+knn_eval.py and linear_eval.py measure. A data set without labels (stl10's unlabeled split, a folder of images
+without class sub-folders) is an error: use its labelled train split.
+
+Run (batch_size is per rank; lr is per 256 images and scaled by the global batch):
+    python supcon.py --config configs/supcon.yaml --data_dir data --download true
+    torchrun --nproc_per_node=4 supcon.py --config configs/supcon.yaml --batch_size 64
+    torchrun --nproc_per_node=8 supcon.py --config configs/supcon_imagenet.yaml --data_dir /path/to/imagenet
+    python linear_eval.py --checkpoint runs/supcon/last.pt --dataset cifar10 --data_dir data
+"""
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from common.augment import two_views
+from common.backbones import backbone_args, build_backbone
+from common.config import UsageError, parse_config, usage_errors
+from common.data import labels_of, pretrain_loader
+from common.knn import KnnMonitor
+from common.runtime import (Checkpointer, MetricLog, StepMetrics, autocast, check_run, close_distributed,
+                            init_distributed, lost_rank_errors, resolve_precision, write_run_config)
+
+
+@dataclass
+class Config:
+    # data
+    dataset: str = "cifar10"  # cifar10 | cifar100 | stl10 | folder | synthetic
+    data_dir: str = "data"  # dataset root (folder: an ImageFolder tree with train/ and val/)
+    download: bool = False  # let torchvision download cifar10 / cifar100 / stl10 into data_dir
+    subset: int = 0  # pre-train on a fixed random subset of this many images (0 = all)
+    image_size: int = 32  # side of the random crops
+    augment: str = "sym"  # view preset (common/augment.py): sym | sym_weak | moco_v1 | asym
+    crop_min_scale: float = 0.08  # smallest area fraction of RandomResizedCrop
+    num_workers: int = 4  # data-loading processes per rank
+    bad_images: str = "stop"  # an unreadable image file: stop (naming it) | skip (warn, use the next image)
+    # model
+    arch: str = "resnet18"  # backbone (common/backbones.py)
+    cifar_stem: str = "auto"  # 3x3 stride-1 first conv, no max-pool: auto (on at <= 64 px) | true | false
+    patch_size: int = 16  # ViT patch size
+    zero_init_residual: bool = False  # ResNets: start each residual block as the identity (last BN gamma = 0)
+    proj_layers: int = 2  # Linear layers of the projector g: (proj_layers - 1) x Linear-BN-ReLU, then Linear
+    proj_hidden_dim: int = 2048  # width of the projector's hidden layers
+    proj_dim: int = 256  # width of z
+    proj_hidden_bn: bool = True  # BN after the projector's hidden layers (the official head has none)
+    temperature: float = 0.2  # tau of the supervised contrastive loss
+    loss_scale: float = 1.0  # the loss is multiplied by this (the official code: tau / 0.07; the paper: tau)
+    # optimisation
+    epochs: int = 1000  # training length
+    batch_size: int = 256  # images per rank; global_batch = batch_size x world_size
+    optimizer: str = "sgd"  # lars | sgd | adamw (AdamW: torch's betas (0.9, 0.999), as MoCo v3 and DINO)
+    lr: float = 0.4  # per 256 images: the peak lr is lr x global_batch / 256
+    min_lr: float = 0.0  # lr at the end of the cosine
+    warmup_epochs: float = 10.0  # linear warm-up from 0 to the peak lr
+    bias_lr_ratio: float = 1.0  # lr of biases and norm parameters = this x the scheduled lr
+    weight_decay: float = 1e-5  # on weights; biases and norm parameters: see decay_bias_and_norm
+    decay_bias_and_norm: bool = False  # SGD / AdamW: weight decay on biases and norm parameters too
+    momentum: float = 0.9  # SGD / LARS momentum
+    lars_eta: float = 0.02  # LARS trust coefficient
+    lars_clip: bool = True  # LARC-style clipping: the adapted lr never exceeds the scheduled lr
+    precision: str = "auto"  # auto (bf16 where native, else fp16) | bf16 | fp16 (GPU, with a GradScaler) | fp32
+    channels_last: bool = True  # NHWC memory format (faster convolutions with mixed precision)
+    compile: bool = False  # torch.compile the model
+    seed: int = 0  # model init, data order and augmentations
+    # run
+    out_dir: str = "runs/supcon"  # run folder: config.json, metrics.jsonl, checkpoints (last.pt is the newest)
+    resume: str = "auto"  # auto: continue the run in out_dir if it holds one with these settings | true | false
+    checkpoint_every_steps: int = 0  # also checkpoint every this many steps (0 = off; always at epoch ends)
+    checkpoint_every_minutes: float = 30.0  # also checkpoint every this many minutes (0 = off)
+    keep_checkpoints: int = 2  # step_XXXXXXXX.pt files kept (older ones are deleted; epoch snapshots stay)
+    snapshot_every: int = 100  # also keep epoch_XXXX.pt every this many epochs (and at the end)
+    stop_timeout: float = 120.0  # after SIGTERM / SIGUSR1: seconds to finish the step and checkpoint, else exit
+    dist_timeout: float = 600.0  # seconds a rank waits for the others in a collective before the job stops
+    skip_nonfinite: int = 0  # steps with a non-finite loss or gradient to skip (0: stop at the first)
+    log_every: int = 10  # steps between lines of metrics.jsonl
+    knn_every: int = 0  # epochs between online kNN checks on the labelled train/val splits (0 = off)
+    knn_k: int = 200  # neighbours of the kNN monitor
+    knn_temperature: float = 0.07  # vote temperature of the kNN monitor
+
+
+# ---- model ----
+def mlp(in_dim, hidden_dim, out_dim, layers=2, bias=True, last_bias=None, last_bn=None, hidden_bn=True):
+    """The projector / predictor of every script, built one way: `layers` Linear layers in_dim -> hidden_dim
+    -> ... -> out_dim, each but the last followed by BN and ReLU. The papers' heads differ only in the
+    arguments: biases of the Linear layers (`bias`; `last_bias` for the output layer, default `bias`), a BN on
+    the output too (`last_bn`: "affine", or "plain" for affine=False) and none on the hidden layers
+    (`hidden_bn=False`: MoCo v2's and SupCon's official Linear-ReLU-Linear)."""
+    if layers < 1:
+        raise UsageError(f"a projector or predictor needs at least 1 layer, got {layers}")
+    dims = [in_dim] + [hidden_dim] * (layers - 1)
+    blocks = []
+    for d_in, d_out in zip(dims, dims[1:]):
+        norm = [nn.BatchNorm1d(d_out)] if hidden_bn else []
+        blocks += [nn.Linear(d_in, d_out, bias=bias), *norm, nn.ReLU(inplace=True)]
+    blocks.append(nn.Linear(dims[-1], out_dim, bias=bias if last_bias is None else last_bias))
+    if last_bn:
+        blocks.append(nn.BatchNorm1d(out_dim, affine=last_bn == "affine"))
+    return nn.Sequential(*blocks)
+
+
+class SupCon(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.backbone_args = backbone_args(cfg.arch, cfg.image_size, cfg.cifar_stem, cfg.patch_size)
+        # Enc and Proj: the backbone and the projector
+        self.backbone, width = build_backbone(**self.backbone_args, zero_init_residual=cfg.zero_init_residual)
+        self.projector = mlp(width, cfg.proj_hidden_dim, cfg.proj_dim, layers=cfg.proj_layers,
+                             hidden_bn=cfg.proj_hidden_bn)
+
+    def forward(self, x1, x2):
+        # both views in one pass, as in the official code: BN statistics cover both views' 2n images
+        z = self.projector(self.backbone(torch.cat([x1, x2])))  # 2n x proj_dim
+        return z.chunk(2)  # z1, z2: n x proj_dim each
+
+
+# ---- loss and cross-rank operations ----
+class GatherWithGrad(torch.autograd.Function):
+    """all_gather along dim 0, autograd-aware: the backward sums the gradients that every rank computed for
+    the gathered tensor and returns this rank's slice, so negatives on other ranks train this rank's z."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()  # all_reduce works in place: never on autograd's own buffer
+        dist.all_reduce(grad)  # sum over ranks
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
+
+
+def gather_with_grad(x):
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return x
+    return GatherWithGrad.apply(x)
+
+
+@torch.no_grad()
+def gather_no_grad(x):
+    """all_gather along dim 0, no grad (targets only): keys, labels, what is never trained through."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return x.detach()
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def supcon_loss(z, labels, temperature):
+    """L_out over the global batch. z: n x V x d projections of this rank's V views of n images; labels: n.
+
+    Returns the mean over this rank's nV anchors; with equal batches on every rank the mean over ranks is the
+    loss of the global batch, and DDP's gradient averaging turns it into that loss's gradient."""
+    n, views = z.shape[:2]
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    z = F.normalize(z.float(), dim=2)  # the loss in fp32
+    anchors = z.transpose(0, 1).reshape(views * n, -1)  # nV x d: views 1 of this rank's images, then views 2, ...
+    candidates = torch.cat([gather_with_grad(z[:, v]) for v in range(views)])  # NV x d, in the same order
+    candidate_labels = gather_no_grad(labels).repeat(views)  # NV
+    N = len(candidates) // views
+    logits = anchors @ candidates.T / temperature  # nV x NV
+    idx = torch.arange(n, device=z.device) + n * rank  # global index of this rank's images
+    self_column = torch.cat([idx + v * N for v in range(views)])  # A(i): every view but the anchor itself
+    rows = torch.arange(views * n, device=z.device)
+    logits[rows, self_column] = float("-inf")
+    log_prob = logits.log_softmax(dim=1)
+    positive = labels.repeat(views)[:, None] == candidate_labels[None, :]  # P(i): the anchor's class ...
+    positive[rows, self_column] = False  # ... in A(i)
+    count = positive.sum(1)
+    mean_log_prob = log_prob.masked_fill(~positive, 0.0).sum(1) / count.clamp(min=1)  # 0 where P(i) is empty
+    return -mean_log_prob.mean()
+
+
+# ---- optimizer and schedules ----
+class LARS(torch.optim.Optimizer):
+    """LARS (You et al., 2017, arXiv:1708.03888) as used by SimCLR, BYOL and Barlow Twins.
+
+    For each weight matrix: d = grad + weight_decay * w, trust ratio q = eta * ||w|| / ||d||, then SGD with
+    momentum on q * d. Parameters with ndim == 1 (biases, BN and LayerNorm weights) get neither weight decay
+    nor adaptation: plain SGD with momentum. With clip=True the adapted step is capped at the scheduled lr
+    (q <- min(q / lr, 1)), as in apex's LARC "clip" mode and solo-learn. Differences from the others:
+    SimCLR-TF's LARS selects the excluded variables by name, uses eta 0.001 without clipping and keeps the lr
+    inside its momentum buffer; apex LARC computes the trust ratio as eta * ||w|| / (||g|| + wd * ||w||)
+    rather than from ||g + wd * w||."""
+
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.02, clip=True):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, clip=clip))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if p.ndim > 1:
+                    d = d.add(p, alpha=group["weight_decay"])
+                    w_norm, d_norm = p.norm(), d.norm()
+                    q = torch.where((w_norm > 0) & (d_norm > 0), group["eta"] * w_norm / d_norm, 1.0)
+                    if group["clip"]:
+                        q = (q / group["lr"]).clamp(max=1.0) if group["lr"] > 0 else torch.ones_like(q)
+                    d = d.mul(q)
+                state = self.state[p]
+                if "momentum_buffer" not in state:  # allocated once, at the first step
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
+                buf.mul_(group["momentum"]).add_(d)
+                p.add_(buf, alpha=-group["lr"])
+
+
+def build_optimizer(cfg, model, fixed_lr=()):
+    """LARS, SGD or AdamW over the trained parameters (requires_grad), in the groups that set_lr schedules: weights
+    (ndim > 1), and biases + norm parameters (ndim == 1) at lr x bias_lr_ratio, without weight decay unless
+    decay_bias_and_norm (SGD, AdamW; LARS never decays or adapts them). Parameters in `fixed_lr` keep the peak lr."""
+    if cfg.optimizer not in ("lars", "sgd", "adamw"):
+        raise UsageError(f"optimizer must be lars, sgd or adamw, got {cfg.optimizer!r}")
+    if cfg.decay_bias_and_norm and cfg.optimizer == "lars":
+        raise UsageError("decay_bias_and_norm needs --optimizer sgd or adamw: LARS never decays biases and norms")
+    fixed = {id(p) for p in fixed_lr}
+    groups = []
+    for is_fixed in (False, True):
+        params = [p for p in model.parameters() if p.requires_grad and (id(p) in fixed) == is_fixed]
+        groups += [{"params": [p for p in params if p.ndim > 1], "lr_ratio": 1.0, "fixed_lr": is_fixed},
+                   {"params": [p for p in params if p.ndim == 1], "lr_ratio": cfg.bias_lr_ratio, "fixed_lr": is_fixed,
+                    "weight_decay": cfg.weight_decay if cfg.decay_bias_and_norm else 0.0}]
+    groups = [group for group in groups if group["params"]]
+    if cfg.optimizer == "lars":
+        return LARS(groups, lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                    eta=cfg.lars_eta, clip=cfg.lars_clip)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=0.0, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def set_lr(optimizer, lr, peak_lr):
+    """This step's lr in every group: the scheduled lr (the peak lr in fixed_lr groups) x the group's lr_ratio."""
+    for group in optimizer.param_groups:
+        group["lr"] = (peak_lr if group["fixed_lr"] else lr) * group["lr_ratio"]
+
+
+def lr_at(step, total_steps, warmup_steps, peak_lr, min_lr=0.0):
+    """Linear warm-up from 0 to peak_lr over warmup_steps, then a cosine down to min_lr at total_steps."""
+    if step < warmup_steps:
+        return peak_lr * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + 0.5 * (peak_lr - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+# ---- training ----
+def train(cfg):
+    rank, world_size, device = init_distributed(cfg.dist_timeout)
+    is_main = rank == 0
+    check_run(cfg)  # settings and run folder, before anything is loaded or written
+    precision = resolve_precision(cfg.precision, device)  # "bf16" | "fp16" | "fp32"
+    torch.manual_seed(cfg.seed)
+
+    # ---- data ----
+    views = two_views(cfg.augment, cfg.image_size, cfg.dataset, scale=(cfg.crop_min_scale, 1.0))
+    loader = pretrain_loader(cfg, views, rank, world_size, device)
+    if min(labels_of(loader.dataset.dataset)) < 0:  # stl10's unlabeled images, a folder without classes
+        raise UsageError(f"SupCon needs a label for every image, and {cfg.dataset!r} at {cfg.data_dir!r} has "
+                         "unlabeled ones; use a labelled data set (a folder needs class sub-folders)")
+    knn_monitor = KnnMonitor(cfg, rank, world_size, device, precision)  # checks the labelled splits now
+    global_batch = cfg.batch_size * world_size
+    steps_per_epoch = len(loader)
+    total_steps = cfg.epochs * steps_per_epoch
+    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+    peak_lr = cfg.lr * global_batch / 256
+    schedule = dict(world_size=world_size, global_batch=global_batch, steps_per_epoch=steps_per_epoch,
+                    total_steps=total_steps, peak_lr=peak_lr)
+
+    # ---- model ----
+    model = SupCon(cfg).to(device)
+    if world_size > 1 and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    optimizer = build_optimizer(cfg, model)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    # ---- resume and run folder ----
+    log, metrics = MetricLog(cfg.out_dir, is_main), StepMetrics(cfg.out_dir, precision, cfg.skip_nonfinite)
+    checkpointer = Checkpointer(cfg, schedule, model, optimizer, scaler, metrics, device, rank, world_size)
+    step = checkpointer.resume()  # from the newest intact checkpoint in out_dir (see cfg.resume); 0: a new run
+    write_run_config(cfg, is_main, precision=precision, **schedule)
+    ddp_model = DDP(model) if world_size > 1 else model
+    if cfg.compile:
+        ddp_model = torch.compile(ddp_model)
+
+    # ---- loop ----
+    for epoch in range(step // steps_per_epoch, cfg.epochs):
+        loader.sampler.set_epoch(epoch, skip=(step - epoch * steps_per_epoch) * cfg.batch_size)  # batches done
+        model.train()
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not is_main, dynamic_ncols=True)
+        tic = time.time()
+        for (x1, x2), labels in bar:
+            lr = lr_at(step, total_steps, warmup_steps, peak_lr, cfg.min_lr)
+            set_lr(optimizer, lr, peak_lr)
+            x1 = x1.to(device, non_blocking=True, memory_format=memory_format)
+            x2 = x2.to(device, non_blocking=True, memory_format=memory_format)
+            labels = labels.to(device, non_blocking=True)
+            with autocast(device, precision):
+                z1, z2 = ddp_model(x1, x2)
+            loss = cfg.loss_scale * supcon_loss(torch.stack([z1, z2], dim=1), labels, cfg.temperature)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)  # the true gradient (fp16), for its norm
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+            # kept on the device; False only for a non-finite step to skip (--skip_nonfinite)
+            if metrics.add(loss=loss, grad_norm=grad_norm):
+                scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            save = checkpointer.due(step)  # every checkpoint_every_steps / _minutes, or after SIGTERM / SIGUSR1
+            if step % cfg.log_every == 0 or save:  # the host sync (besides fp16's GradScaler): read, average, check
+                stats = {**metrics.read(step), "train/lr": lr}
+                log.write(step=step, epoch=epoch + 1, **stats)
+                bar.set_postfix(loss=f"{stats['train/loss']:.4f}", lr=f"{lr:.3g}")
+            if save:
+                checkpointer.save(step)  # after a stop signal, it then exits (status 75)
+        log.write(step=step, epoch=epoch + 1, **metrics.read_epoch(step),
+                  **{"train/images_per_s": global_batch * len(loader) / (time.time() - tic)})
+        checkpointer.save(step)  # before the kNN check: after a stop signal, it exits (status 75) at once
+        knn_monitor.after_epoch(epoch + 1, step, model.backbone, log)
+    close_distributed()
+
+
+if __name__ == "__main__":
+    with usage_errors(), lost_rank_errors():
+        train(parse_config(Config))
