@@ -286,8 +286,9 @@ def moco_loss(q1, q2, k1, k2, temperature, queue=None):
 
 @torch.no_grad()
 def enqueue(queue, keys, step):
-    """The keys of all ranks (in rank order: the same queue everywhere) overwrite the oldest ones. queue: K x d;
-    keys: n x d. Step s writes rows [s N, (s + 1) N) mod K: no pointer to store, and resume is exact."""
+    """This step's vectors (keys: n x d on each rank) of all ranks, in rank order, overwrite the oldest rows of
+    queue (K x d), so the queue is the same on every rank. Step s writes rows [s N, (s + 1) N) mod K: no pointer
+    to store, and resume is exact."""
     keys = F.normalize(gather_no_grad(keys).float(), dim=1)  # N x d, no grad (targets only)
     start = step * len(keys) % len(queue)
     queue[start:start + len(keys)] = keys
@@ -412,7 +413,9 @@ def train(cfg):
     checkpointer = Checkpointer(cfg, schedule, model, optimizer, scaler, metrics, device, rank, world_size)
     step = checkpointer.resume()  # from the newest intact checkpoint in out_dir (see cfg.resume); 0: a new run
     write_run_config(cfg, is_main, precision=precision, **schedule)
-    ddp_model = DDP(model) if world_size > 1 else model
+    # broadcast_buffers=False: the queue is the same on every rank (enqueue), so DDP need not send its tens of MB
+    # each step; BN running statistics then stay each rank's own, and rank 0's are saved, as with the broadcast
+    ddp_model = DDP(model, broadcast_buffers=False) if world_size > 1 else model
     if cfg.compile:
         ddp_model = torch.compile(ddp_model)
 

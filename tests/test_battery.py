@@ -368,7 +368,7 @@ def test_lr_schedule_endpoints(method):
 
 
 SHARED = ["mlp", "LARS", "build_optimizer", "set_lr", "lr_at"]
-SHARED_IF_USED = {"GatherWithGrad": "simclr", "gather_with_grad": "simclr", "gather_no_grad": "moco",
+SHARED_IF_USED = {"GatherWithGrad": "simclr", "gather_with_grad": "simclr", "gather_no_grad": "moco", "enqueue": "moco",
                   "ema_update": "byol", "tau_at": "byol"}
 
 
