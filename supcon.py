@@ -3,28 +3,36 @@ Prannay Khosla, Piotr Teterwak, Chen Wang, Aaron Sarna, Yonglong Tian, Phillip I
 Dilip Krishnan. NeurIPS 2020. arXiv:2004.11362.
 
 SimCLR's contrastive loss with the class labels deciding the positives: every other view of an image of the
-same class is a positive. Over the 2N views of a GLOBAL batch (projections gathered from every rank with their
-gradient, labels from every rank), with A(i) = all views but i and P(i) = the views in A(i) of i's class, the
+same class is a positive. Over the views of a GLOBAL batch (projections gathered from every rank with their
+gradient, labels from every rank), with A(i) = every view but i and P(i) = the views in A(i) of i's class, the
 paper's recommended L_out (its Eq. 2: the mean over positives OUTSIDE the log) is
 
-    L = sum_i -1/|P(i)| sum_{p in P(i)} log( exp(z_i . z_p / tau) / sum_{a in A(i)} exp(z_i . z_a / tau) ),
+    L_i = -1/|P(i)| sum_{p in P(i)} log( exp(z_i . z_p / tau) / sum_{a in A(i)} exp(z_i . z_a / tau) ),
 
-averaged here over the 2N anchors, as the official code does (an anchor with no positive, possible with one
-view, contributes 0, never NaN). With every label distinct it is SimCLR's NT-Xent (tests/test_supcon.py).
-The official code multiplies the loss by tau / 0.07 and the paper's ImageNet runs by tau ("for stability"):
-loss_scale. It uses the labels in pre-training, so it is not self-supervised: its linear-evaluation accuracy is
-the figure to compare with cross-entropy training of the same network (the paper's comparison: 96.0 against
-95.0 % on CIFAR-10, 78.7 against 78.2 % on ImageNet with ResNet-50), not with the self-supervised methods.
+averaged over all anchors i as the official code does (HobbitLong/SupContrast; the paper writes the sum; an anchor
+whose class occurs nowhere else, possible with one view, contributes 0 and no NaN: the divisor is max(|P(i)|, 1)).
+With every label distinct it is SimCLR's NT-Xent (tests/test_supcon.py). supcon_loss takes any number of views, z:
+n x V x d; training uses the loader's two. The official codes multiply the loss by a factor (with SGD / LARS it
+sets the step size and the weight decay's strength): the PyTorch code (CIFAR) by tau / 0.07, 1.43 at its tau 0.1;
+the TensorFlow code and the paper's ImageNet runs by tau ("for stability"). It is loss_scale: 1 in the CIFAR
+recipe, 0.1 = tau in configs/supcon_imagenet.yaml.
+The labels are used in pre-training, so this is supervised learning, not self-supervised: its linear-evaluation
+accuracy is the figure to compare with cross-entropy training of the same network (the paper's comparison:
+96.0 against 95.0 % on CIFAR-10 with ResNet-50, 78.7 against 78.2 % on ImageNet), not with the other scripts.
 
-The paper's method in this file:
+The paper's method (Sec. 3.1, Eq. 2) in this file:
     x~ = Aug(x), two views per image           two_views (common/augment.py), reproducible per (seed, epoch, image)
-    z = Proj(Enc(x~)), L2-normalised           SupCon.forward: both views in one pass; normalised in supcon_loss
-    P(i) from the labels of the GLOBAL batch   supcon_loss: labels gathered from every rank
+    r = Enc(x~), on the unit sphere            SupCon.forward: both views in one pass; r normalised if
+                                               normalize_representation (the paper's; not the CIFAR recipes')
+    z = Proj(r), on the unit sphere            SupCon.forward: the projector; z normalised in supcon_loss
+    P(i): i's class in the GLOBAL batch        supcon_loss: labels gathered from every rank, self excluded
     L_out^sup (Eq. 2)                          supcon_loss: log-softmax over A(i), mean over P(i), mean over i
     update Enc and Proj to minimise L          SGD / LARS step in train()
 After training, only the encoder Enc is kept ("backbone" in the checkpoint): the representation that
-knn_eval.py and linear_eval.py measure. A data set without labels (stl10's unlabeled split, a folder of images
-without class sub-folders) is an error: use its labelled train split.
+knn_eval.py and linear_eval.py measure. Unlabelled images (stl10's pre-training split holds its unlabeled ones,
+a folder without class sub-folders) are an error before training starts.
+The CIFAR recipe is solo-learn's (configs/supcon.yaml: its loss is L_in, here L_out); the ImageNet recipe is the
+official TensorFlow code's (configs/supcon_imagenet.yaml, with its departures).
 
 Run (batch_size is per rank; lr is per 256 images and scaled by the global batch):
     python supcon.py --config configs/supcon.yaml --data_dir data --download true
@@ -69,12 +77,14 @@ class Config:
     cifar_stem: str = "auto"  # 3x3 stride-1 first conv, no max-pool: auto (on at <= 64 px) | true | false
     patch_size: int = 16  # ViT patch size
     zero_init_residual: bool = False  # ResNets: start each residual block as the identity (last BN gamma = 0)
-    proj_layers: int = 2  # Linear layers of the projector g: (proj_layers - 1) x Linear-BN-ReLU, then Linear
+    proj_layers: int = 2  # Linear layers of the projector Proj: (proj_layers - 1) x Linear-(BN)-ReLU, then Linear
     proj_hidden_dim: int = 2048  # width of the projector's hidden layers
     proj_dim: int = 256  # width of z
-    proj_hidden_bn: bool = True  # BN after the projector's hidden layers (the official head has none)
+    proj_bias: bool = True  # biases in Proj's Linear layers (the official TensorFlow head's output layer has none)
+    proj_hidden_bn: bool = False  # BN after the projector's hidden layers (the official and solo-learn's heads: none)
+    normalize_representation: bool = False  # r = Enc(x) L2-normalised before Proj, as in the paper (Sec. 3.1)
     temperature: float = 0.2  # tau of the supervised contrastive loss
-    loss_scale: float = 1.0  # the loss is multiplied by this (the official code: tau / 0.07; the paper: tau)
+    loss_scale: float = 1.0  # the loss is multiplied by this (official: tau / 0.07 in PyTorch, tau in TensorFlow)
     # optimisation
     epochs: int = 1000  # training length
     batch_size: int = 256  # images per rank; global_batch = batch_size x world_size
@@ -134,12 +144,16 @@ class SupCon(nn.Module):
         self.backbone_args = backbone_args(cfg.arch, cfg.image_size, cfg.cifar_stem, cfg.patch_size)
         # Enc and Proj: the backbone and the projector
         self.backbone, width = build_backbone(**self.backbone_args, zero_init_residual=cfg.zero_init_residual)
-        self.projector = mlp(width, cfg.proj_hidden_dim, cfg.proj_dim, layers=cfg.proj_layers,
+        self.projector = mlp(width, cfg.proj_hidden_dim, cfg.proj_dim, layers=cfg.proj_layers, bias=cfg.proj_bias,
                              hidden_bn=cfg.proj_hidden_bn)
+        self.normalize_representation = cfg.normalize_representation
 
     def forward(self, x1, x2):
         # both views in one pass, as in the official code: BN statistics cover both views' 2n images
-        z = self.projector(self.backbone(torch.cat([x1, x2])))  # 2n x proj_dim
+        r = self.backbone(torch.cat([x1, x2]))  # 2n x width
+        if self.normalize_representation:  # r on the unit hypersphere (the paper's Enc; the official TF code)
+            r = F.normalize(r, dim=1)
+        z = self.projector(r)  # 2n x proj_dim
         return z.chunk(2)  # z1, z2: n x proj_dim each
 
 
@@ -178,15 +192,16 @@ def gather_no_grad(x):
 
 
 def supcon_loss(z, labels, temperature):
-    """L_out over the global batch. z: n x V x d projections of this rank's V views of n images; labels: n.
+    """L_out over the global batch. z: n x V x d projections of this rank's n images, V views each (any V >= 1);
+    labels: n, the images' classes.
 
     Returns the mean over this rank's nV anchors; with equal batches on every rank the mean over ranks is the
     loss of the global batch, and DDP's gradient averaging turns it into that loss's gradient."""
-    n, views = z.shape[:2]
+    n, views, d = z.shape
     rank = dist.get_rank() if dist.is_initialized() else 0
     z = F.normalize(z.float(), dim=2)  # the loss in fp32
-    anchors = z.transpose(0, 1).reshape(views * n, -1)  # nV x d: views 1 of this rank's images, then views 2, ...
-    candidates = torch.cat([gather_with_grad(z[:, v]) for v in range(views)])  # NV x d, in the same order
+    anchors = z.transpose(0, 1).reshape(views * n, d)  # nV x d: view 1 of this rank's images, then view 2, ...
+    candidates = gather_with_grad(z).transpose(0, 1).reshape(-1, d)  # NV x d: the global batch, in the same order
     candidate_labels = gather_no_grad(labels).repeat(views)  # NV
     N = len(candidates) // views
     logits = anchors @ candidates.T / temperature  # nV x NV
@@ -194,11 +209,10 @@ def supcon_loss(z, labels, temperature):
     self_column = torch.cat([idx + v * N for v in range(views)])  # A(i): every view but the anchor itself
     rows = torch.arange(views * n, device=z.device)
     logits[rows, self_column] = float("-inf")
-    log_prob = logits.log_softmax(dim=1)
+    log_prob = logits.log_softmax(dim=1)  # log( exp(z_i . z_a / tau) / sum_{a in A(i)} exp(z_i . z_a / tau) )
     positive = labels.repeat(views)[:, None] == candidate_labels[None, :]  # P(i): the anchor's class ...
     positive[rows, self_column] = False  # ... in A(i)
-    count = positive.sum(1)
-    mean_log_prob = log_prob.masked_fill(~positive, 0.0).sum(1) / count.clamp(min=1)  # 0 where P(i) is empty
+    mean_log_prob = log_prob.masked_fill(~positive, 0.0).sum(1) / positive.sum(1).clamp(min=1)  # 0: P(i) empty
     return -mean_log_prob.mean()
 
 
@@ -288,9 +302,11 @@ def train(cfg):
     # ---- data ----
     views = two_views(cfg.augment, cfg.image_size, cfg.dataset, scale=(cfg.crop_min_scale, 1.0))
     loader = pretrain_loader(cfg, views, rank, world_size, device)
-    if min(labels_of(loader.dataset.dataset)) < 0:  # stl10's unlabeled images, a folder without classes
-        raise UsageError(f"SupCon needs a label for every image, and {cfg.dataset!r} at {cfg.data_dir!r} has "
-                         "unlabeled ones; use a labelled data set (a folder needs class sub-folders)")
+    unlabelled = sum(label < 0 for label in labels_of(loader.dataset.dataset))  # once, from the reader's lists
+    if unlabelled:  # label -1: stl10's unlabeled split, a folder without class sub-folders
+        raise UsageError(f"SupCon needs a label for every image, and {unlabelled} of the pre-training images of "
+                         f"{cfg.dataset!r} at {cfg.data_dir!r} have none; use labelled data (cifar10, cifar100, or a "
+                         "folder whose train/ holds one sub-folder per class)")
     knn_monitor = KnnMonitor(cfg, rank, world_size, device, precision)  # checks the labelled splits now
     global_batch = cfg.batch_size * world_size
     steps_per_epoch = len(loader)

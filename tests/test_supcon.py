@@ -1,16 +1,18 @@
 """SupCon-specific checks: with every label distinct it is SimCLR's NT-Xent; any number of views; an anchor
-without a positive contributes 0, never NaN; an unlabelled data set is a clear error."""
+without a positive contributes 0, never NaN; the ImageNet config builds the official TensorFlow head on a
+normalised representation; unlabelled images are a clear error before anything is written."""
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import simclr
 import supcon
 from case_supcon import supcon_reference
-from battery import quick_args
-from helpers import assert_one_line_error, run_script
+from common.config import UsageError, load_config
+from helpers import REPO
 
 
 def test_distinct_labels_give_simclrs_nt_xent():
@@ -34,8 +36,8 @@ def test_an_anchor_without_positive_contributes_zero():
     loss = supcon.supcon_loss(z, torch.tensor([0, 1, 0, 2]), temperature=0.5)
     loss.backward()
     assert math.isfinite(loss.item()) and torch.isfinite(z.grad).all()
-    sims = torch.nn.functional.normalize(z[:, 0].detach().double(), dim=1) @ torch.nn.functional.normalize(
-        z[:, 0].detach().double(), dim=1).T / 0.5
+    unit = F.normalize(z[:, 0].detach().double(), dim=1)
+    sims = unit @ unit.T / 0.5
     expected = 0.0
     for i, p in ((0, 2), (2, 0)):
         others = [a for a in range(4) if a != i]
@@ -43,11 +45,29 @@ def test_an_anchor_without_positive_contributes_zero():
     assert loss.item() == pytest.approx(expected / 4, rel=1e-5)
 
 
+def test_imagenet_config_builds_the_official_head_on_a_normalised_representation():
+    """configs/supcon_imagenet.yaml: Proj is one Linear layer to 128 without bias, fed r / ||r|| (here on a
+    ResNet-18 at 32 px, for speed)."""
+    cfg = load_config(supcon.Config, ["--config", str(REPO / "configs" / "supcon_imagenet.yaml"),
+                                      "--arch", "resnet18", "--image_size", "32"])
+    model = supcon.SupCon(cfg).eval()
+    assert [type(m) for m in model.projector] == [torch.nn.Linear] and model.projector[0].bias is None
+    assert model.projector[0].out_features == 128
+    x1, x2 = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        z1, _ = model(x1, x2)
+        r = F.normalize(model.backbone(x1), dim=1)
+    torch.testing.assert_close(z1, model.projector(r))
+
+
 def test_unlabelled_images_are_a_clear_error(tmp_path):
-    images = tmp_path / "flat"
-    (images / "train").mkdir(parents=True)
+    """A folder without class sub-folders (label -1, as stl10's unlabeled images): a one-line UsageError that
+    names the count, raised before anything is written."""
+    (tmp_path / "flat" / "train").mkdir(parents=True)
     for i in range(8):
-        Image.new("RGB", (32, 32), (i * 30, 0, 0)).save(images / "train" / f"{i}.png")
-    args = quick_args("supcon", tmp_path / "run", "--dataset", "folder", "--data_dir", str(images), "--subset", "0",
-                      "--batch_size", "4")
-    assert_one_line_error(run_script(args), "SupCon needs a label for every image")
+        Image.new("RGB", (32, 32), (i * 30, 0, 0)).save(tmp_path / "flat" / "train" / f"{i}.png")
+    cfg = supcon.Config(dataset="folder", data_dir=str(tmp_path / "flat"), batch_size=4, num_workers=0,
+                        out_dir=str(tmp_path / "run"))
+    with pytest.raises(UsageError, match="SupCon needs a label for every image, and 8 of the pre-training") as e:
+        supcon.train(cfg)
+    assert "\n" not in str(e.value) and not (tmp_path / "run").exists()
