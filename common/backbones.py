@@ -7,9 +7,14 @@ A trunk's state_dict loads with strict=True into the matching torchvision model 
   patch_size, ...) with `heads` replaced by nn.Identity. Ours (class ViT) runs at any input size whose sides are
   multiples of the patch size, interpolating the position embedding (multi-crop, 96 / 224 px evaluation);
 - any other torchvision classification model by name (torchvision.models.list_models(), e.g. convnext_tiny,
-  efficientnet_b0, regnet_y_400mf, densenet121, vgg11_bn, mobilenet_v3_large): torchvision.models.get_model(name)
-  with its LAST nn.Linear replaced by nn.Identity, the feature width that Linear's in_features (vgg: its 4096-d
-  penultimate layer; mobilenet_v3: the 1280-d one). These keep their ImageNet stem at every size.
+  efficientnet_b0, regnet_y_400mf, densenet121, vgg11_bn, mobilenet_v3_large, swin_t):
+  torchvision.models.get_model(name) with its LAST nn.Linear replaced by nn.Identity, the feature width that
+  Linear's in_features (vgg: its 4096-d penultimate layer; mobilenet_v3: the 1280-d one). Any layers after that
+  Linear's input stay in the trunk, dropout included (efficientnet, mobilenet, vgg: active in training only).
+  squeezenet has no Linear: its 1x1 classifier conv (classifier[1]) is the one replaced, width 512. googlenet
+  and inception_v3 are built with aux_logits=False, init_weights=True (plain outputs; the state_dict then has
+  no aux* keys). These keep their ImageNet stem at every size; some need a least image size (MIN_SIZES).
+  Rejected (UNSUITABLE): torchvision's vit_* and maxvit_t, which take one input size. swin_* run at any size.
 """
 import math
 import os
@@ -44,8 +49,14 @@ VITS = {  # name: (layers, heads, width, mlp width)
 ARCHS = sorted(RESNETS) + sorted(VITS)
 # torchvision models that cannot serve as a trunk here, and why
 UNSUITABLE = {"vit_": "torchvision's ViTs take one input size: use vit_tiny, vit_small or vit_base with --patch_size",
-              "maxvit_t": "MaxViT takes one input size (224 px)",
-              "inception_v3": "Inception v3 needs inputs of 75 px or more and returns auxiliary outputs in training"}
+              "maxvit_t": "MaxViT takes one input size (224 px)"}
+# the least image size at which these models' pooling leaves a feature map (torchvision 0.2x; by name prefix)
+MIN_SIZES = {"alexnet": 63, "inception_v3": 75, "convnext": 32, "vgg": 32, "densenet": 29, "squeezenet1_0": 21,
+             "squeezenet1_1": 17, "googlenet": 15}
+# built with these arguments: plain tensor outputs, no auxiliary classifiers
+BUILD_KWARGS = {"googlenet": {"aux_logits": False, "init_weights": True},
+                "inception_v3": {"aux_logits": False, "init_weights": True}}
+_stem_noted = False  # the ImageNet-stem note is printed once per process
 
 
 def _other_models():
@@ -77,7 +88,14 @@ def backbone_args(arch, image_size, cifar_stem="auto", patch_size=16):
         raise UsageError(f"cifar_stem applies to ResNets only, not to {arch}; set it to auto or false")
     if arch in VITS and image_size % patch_size:
         raise UsageError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
-    if stems[cifar_stem] and arch not in RESNETS and arch not in VITS and int(os.environ.get("RANK", "0")) == 0:
+    least = next((size for prefix, size in MIN_SIZES.items() if arch.startswith(prefix)), 0)
+    if image_size < least:
+        raise UsageError(f"{arch} needs images of {least} px or more (its pooling shrinks smaller ones to nothing), "
+                         f"got image_size {image_size}")
+    global _stem_noted
+    if stems[cifar_stem] and arch not in RESNETS and arch not in VITS and not _stem_noted \
+            and int(os.environ.get("RANK", "0")) == 0:
+        _stem_noted = True
         print(f"note: {arch} keeps its ImageNet stem and downsampling, made for 224-px images: {image_size}-px "
               "images shrink to a few pixels or one; the CIFAR stem exists for ResNets only", flush=True)
     return {"arch": arch, "image_size": image_size, "cifar_stem": stems[cifar_stem] and arch in RESNETS,
@@ -123,10 +141,10 @@ def build_backbone(arch, image_size=224, cifar_stem=False, patch_size=16, zero_i
         if drop_path:
             add_drop_path(net, drop_path)
         return net, width
-    kwargs = {"aux_logits": False, "init_weights": True} if arch == "googlenet" else {}
-    net = tvm.get_model(arch, weights=None, **kwargs)
-    parent_name, last = [(name, m) for name, m in net.named_modules() if isinstance(m, nn.Linear)][-1]
-    width = last.in_features
+    net = tvm.get_model(arch, weights=None, **BUILD_KWARGS.get(arch, {}))
+    linears = [(name, m) for name, m in net.named_modules() if isinstance(m, nn.Linear)]
+    parent_name, last = (linears or [(name, m) for name, m in net.named_modules() if isinstance(m, nn.Conv2d)])[-1]
+    width = last.in_features if isinstance(last, nn.Linear) else last.in_channels
     parent, _, child = parent_name.rpartition(".")
     setattr(net.get_submodule(parent) if parent else net, child, nn.Identity())
     return net, width

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torchvision.models as tvm
 
+import common.backbones as backbones
 from common.backbones import backbone_args, build_backbone, resized_position_embedding, sincos_position_embedding
 from common.config import UsageError
 
@@ -34,6 +35,11 @@ def test_vit_equals_torchvisions_at_its_build_size_and_runs_at_others():
         assert trunk(torch.randn(2, 3, h, w)).shape == (2, 192)
     with pytest.raises(ValueError, match="patch_size 8 needs input sides that are multiples of it, got 30 x 30"):
         trunk(torch.randn(1, 3, 30, 30))
+
+
+def test_vit_built_at_224_runs_at_96():
+    trunk, width = build_backbone(**backbone_args("vit_tiny", 224, patch_size=16))
+    assert trunk.eval()(torch.randn(2, 3, 96, 96)).shape == (2, width)
 
 
 def test_position_embedding_resize_keeps_the_class_token_and_a_constant_grid():
@@ -88,17 +94,43 @@ def test_drop_path_rises_linearly_and_leaves_evaluation_and_weights_alone():
     assert not torch.equal(first, dropped(x))  # train: a different draw of dropped paths
 
 
+def without_classifier(model):
+    """The module docstring's rule: the last nn.Linear (squeezenet: the last Conv2d) replaced by nn.Identity."""
+    kind = nn.Linear if any(isinstance(m, nn.Linear) for m in model.modules()) else nn.Conv2d
+    parent, _, child = [name for name, m in model.named_modules() if isinstance(m, kind)][-1].rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, nn.Identity())
+    return model
+
+
 @pytest.mark.parametrize("arch, width", [("convnext_tiny", 768), ("efficientnet_b0", 1280), ("regnet_y_400mf", 440),
-                                         ("densenet121", 1024), ("vgg11_bn", 4096), ("mobilenet_v3_large", 1280)])
-def test_any_torchvision_classification_model(arch, width, capsys):
-    """The last Linear replaced by nn.Identity: the trunk loads strict into get_model(arch) with the same change."""
+                                         ("densenet121", 1024), ("vgg11_bn", 4096), ("mobilenet_v3_large", 1280),
+                                         ("squeezenet1_1", 512), ("googlenet", 1024)])
+def test_any_torchvision_classification_model(arch, width, capsys, monkeypatch):
+    """The trunk loads strict into get_model(arch) (googlenet: without its auxiliary heads) with the same change."""
+    monkeypatch.setattr(backbones, "_stem_noted", False)
     trunk, w = build_backbone(**backbone_args(arch, 32, "auto"))
     assert "keeps its ImageNet stem" in capsys.readouterr().out
+    backbone_args(arch, 32, "auto")
+    assert capsys.readouterr().out == ""  # once per process
     assert w == width and trunk.eval()(torch.randn(2, 3, 32, 32)).shape == (2, width)
-    reference = tvm.get_model(arch)
-    parent, _, child = [name for name, m in reference.named_modules() if isinstance(m, nn.Linear)][-1].rpartition(".")
-    setattr(reference.get_submodule(parent) if parent else reference, child, nn.Identity())
+    reference = without_classifier(tvm.get_model(arch, **backbones.BUILD_KWARGS.get(arch, {})))
     reference.load_state_dict(trunk.state_dict(), strict=True)
+
+
+@pytest.mark.parametrize("arch", ["alexnet", "inception_v3", "convnext_tiny", "vgg11", "densenet121", "squeezenet1_0",
+                                  "squeezenet1_1", "googlenet"])
+def test_least_image_sizes(arch):
+    """MIN_SIZES is where the model stops failing (checked shape-only, on the meta device), and below it
+    backbone_args says so."""
+    least = next(size for prefix, size in backbones.MIN_SIZES.items() if arch.startswith(prefix))
+    with torch.device("meta"):
+        model = tvm.get_model(arch, **backbones.BUILD_KWARGS.get(arch, {})).eval()
+        model(torch.empty(1, 3, least, least))
+        with pytest.raises(RuntimeError):
+            model(torch.empty(1, 3, least - 1, least - 1))
+    backbone_args(arch, least, "false")
+    with pytest.raises(UsageError, match=f"{arch} needs images of {least} px or more"):
+        backbone_args(arch, least - 1, "false")
 
 
 @pytest.mark.parametrize("arch, options, fragment", [
@@ -117,3 +149,15 @@ def test_vit_options_on_a_resnet_are_clear_errors():
             build_backbone(**backbone_args("resnet18", 32), **options)
     with pytest.raises(UsageError, match="pos_embed must be learned or sincos"):
         vit(pos_embed="rope")
+
+
+def test_evaluation_rebuilds_a_torchvision_model_trunk(tmp_path):
+    """knn_eval.py and linear_eval.py rebuild the trunk from the checkpoint's backbone_args (load_backbone)."""
+    from common.runtime import load_backbone
+    args = backbone_args("squeezenet1_1", 32, "false")
+    trunk, _ = build_backbone(**args)
+    torch.save({"method": "SimCLR", "backbone": trunk.state_dict(), "backbone_args": args}, tmp_path / "last.pt")
+    loaded, width, loaded_args, _ = load_backbone(str(tmp_path / "last.pt"))
+    assert loaded_args == args and width == 512
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(loaded.eval()(x), trunk.eval()(x))
