@@ -2,26 +2,33 @@
 Debidatta Dwibedi, Yusuf Aytar, Jonathan Tompson, Pierre Sermanet, Andrew Zisserman. ICCV 2021. arXiv:2104.14548.
 
 SimCLR with a friend as the positive: each view's projection z is replaced by its nearest neighbour NN(z) in a
-support set Q of projections from earlier batches, and NN(z) must pick out the prediction p+ = g(z+) of the
-image's other view among the predictions of the GLOBAL batch (gathered from every rank with their gradient):
+support set Q of projections from earlier steps, and NN(z) must pick out the prediction p+ = g(z+) of the image's
+other view among the predictions of the GLOBAL batch (gathered from every rank with their gradient):
 
     L_i = -log( exp(NN(z_i) . p+_i / tau) / sum_k exp(NN(z_i) . p+_k / tau) ),   all vectors L2-normalised,
-    loss = (L(NN(z1), p2) + L(NN(z2), p1)) / 2                                    (the paper's Eq. 2, symmetrised)
+    loss = (L(NN(z1), p2) + L(NN(z2), p1)) / 2
 
-NN(z) = argmax_{q in Q} cos(z, q) is looked up without gradient, so the loss trains the predictions and, through
-them, the encoder. After each step the projections z1 of view 1 of the whole global batch (all ranks, in rank
-order) replace the oldest entries of Q (the paper's pseudo-code enqueues one view); Q starts as random unit
-vectors. There is no official code: this follows the paper's pseudo-code (Algorithm 1) and solo-learn.
+(the paper's Eq. 2 with the prediction p+ in place of z+ and both directions averaged, as its Algorithm 1).
+
+NN(z) = argmax_{q in Q} cos(z, q) is looked up without gradient (Q holds constants), so the loss trains the
+predictor g and, through p = g(z), the projector and the backbone. After the loss, the projections z1 of view 1 of
+the whole global batch (all ranks, in rank order) replace the oldest rows of Q: one view, as the paper's
+pseudo-code (update_queue(Q, z1)) and solo-learn. Q (queue_size rows, a multiple of the global batch) starts as
+random unit vectors drawn from the seed, as in solo-learn. There is no official code: this follows the paper's
+pseudo-code and, for CIFAR, solo-learn. A step skipped for a non-finite loss (--skip_nonfinite) enqueues nothing.
+train/nn_acc (solo-learn's monitor) is the fraction of view-1 queries whose nearest neighbour has the query's
+class, from the labels Q keeps beside its rows (queue_labels) and uses for nothing else: 0 at the start (the
+random rows have no class), it should climb well above chance (1 / classes) as the representation groups classes.
 
 The paper's Algorithm 1 in this file:
     z1, z2 = f(aug(x)), f(aug(x))              NNCLR.forward: backbone and projector, one pass per view
     p1, p2 = g(z1), g(z2)                      NNCLR.forward: the predictor
-    nn1, nn2 = NN(z1, Q), NN(z2, Q)            nearest_neighbour under torch.no_grad()
-    loss = L(nn1, p2) / 2 + L(nn2, p1) / 2     nnclr_loss: predictions gathered from every rank, labels offset by rank
+    NN1, NN2 = NN(z1, Q), NN(z2, Q)            nearest_neighbour under torch.no_grad()
+    loss = L(NN1, p2) / 2 + L(NN2, p1) / 2     nnclr_loss: p gathered from every rank, labels offset by rank
     update(f, g)                               LARS / SGD step in train()
-    update_queue(Q, z1)                        enqueue: the z1 of all ranks overwrite the oldest entries
-After training, only the backbone f is kept ("backbone" in the checkpoint): the representation that
-knn_eval.py and linear_eval.py measure.
+    update_queue(Q, z1)                        enqueue: the z1 of all ranks overwrite the oldest rows of Q
+After training, only the backbone is kept ("backbone" in the checkpoint): the representation that knn_eval.py
+and linear_eval.py measure.
 
 Run (batch_size is per rank; lr is per 256 images and scaled by the global batch):
     python nnclr.py --config configs/nnclr.yaml --data_dir data --download true
@@ -66,11 +73,11 @@ class Config:
     cifar_stem: str = "auto"  # 3x3 stride-1 first conv, no max-pool: auto (on at <= 64 px) | true | false
     patch_size: int = 16  # ViT patch size
     zero_init_residual: bool = False  # ResNets: start each residual block as the identity (last BN gamma = 0)
-    proj_layers: int = 3  # Linear layers of the projector f's head: (proj_layers - 1) x Linear-BN-ReLU, Linear-BN
+    proj_layers: int = 3  # Linear layers of the projector: (proj_layers - 1) x Linear-BN-ReLU, then Linear-BN
     proj_hidden_dim: int = 2048  # width of the projector's hidden layers
     proj_dim: int = 256  # width of z and p
     pred_hidden_dim: int = 4096  # width of the predictor g's hidden layer: Linear-BN-ReLU-Linear
-    queue_size: int = 65536  # projections in the support set Q (a multiple of the global batch)
+    queue_size: int = 65536  # rows of the support set Q, projections of earlier steps (a multiple of the global batch)
     temperature: float = 0.2  # tau of the contrastive loss
     # optimisation
     epochs: int = 1000  # training length
@@ -126,29 +133,39 @@ def mlp(in_dim, hidden_dim, out_dim, layers=2, bias=True, last_bias=None, last_b
 
 
 class NNCLR(nn.Module):
-    """f (backbone and projector), the predictor g and the support set Q (`queue`, queue_size x proj_dim unit
-    vectors, a buffer: checkpoints and resume hold it) in one module."""
+    """The backbone and projector (the paper's f), the predictor g and the support set Q in one module. Q is two
+    buffers, so that state_dict(), checkpoints and resume hold it: `queue` (queue_size x proj_dim unit vectors) and
+    `queue_labels` (their classes, -1 for none, read by the train/nn_acc monitor only). The rows a step writes
+    follow from the step (enqueue), so there is no pointer to store."""
 
-    def __init__(self, cfg, world_size=1):
+    def __init__(self, cfg):
         super().__init__()
-        global_batch = cfg.batch_size * world_size
-        if cfg.queue_size <= 0 or cfg.queue_size % global_batch:
-            raise UsageError(f"queue_size {cfg.queue_size} must be a positive multiple of the global batch "
-                             f"{global_batch} ({cfg.batch_size} x {world_size} ranks), so that each step's "
-                             f"projections fill whole rows; e.g. --queue_size "
-                             f"{max(1, cfg.queue_size // global_batch) * global_batch}")
         self.backbone_args = backbone_args(cfg.arch, cfg.image_size, cfg.cifar_stem, cfg.patch_size)
-        # f: the backbone and the projector (BN on every layer, as the paper's); g: the predictor
+        # f: the backbone and the projector, BN after every Linear and ReLU after all but the last (the paper's);
+        # g: the predictor, BN and ReLU on its hidden layer only
         self.backbone, width = build_backbone(**self.backbone_args, zero_init_residual=cfg.zero_init_residual)
         self.projector = mlp(width, cfg.proj_hidden_dim, cfg.proj_dim, layers=cfg.proj_layers, last_bn="affine")
         self.predictor = mlp(cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim)
+        # Q: random unit vectors (from the seed) until the first queue_size / global_batch steps replace them
         self.register_buffer("queue", F.normalize(torch.randn(cfg.queue_size, cfg.proj_dim), dim=1))
+        self.register_buffer("queue_labels", torch.full((cfg.queue_size,), -1))
 
     def forward(self, x1, x2):
         # one pass per view, as in the paper's pseudo-code: BN statistics are those of one view's n images
         z1 = self.projector(self.backbone(x1))  # n x proj_dim
         z2 = self.projector(self.backbone(x2))  # n x proj_dim
         return z1, z2, self.predictor(z1), self.predictor(z2)  # z1, z2, p1, p2
+
+
+def check_support_set(cfg, world_size):
+    """Each step's projections of all ranks replace whole rows of Q (enqueue): checked before anything is loaded
+    or written."""
+    global_batch = cfg.batch_size * world_size
+    if cfg.queue_size <= 0 or cfg.queue_size % global_batch:
+        raise UsageError(f"queue_size {cfg.queue_size} must be a positive multiple of the global batch "
+                         f"{global_batch} ({cfg.batch_size} x {world_size} ranks), so that each step's projections "
+                         f"replace whole rows of the support set; e.g. --queue_size "
+                         f"{max(1, cfg.queue_size // global_batch) * global_batch}")
 
 
 # ---- loss and cross-rank operations ----
@@ -187,9 +204,10 @@ def gather_no_grad(x):
 
 @torch.no_grad()
 def nearest_neighbour(z, queue):
-    """NN(z): for each row of z (n x d), the entry of the support set queue (K x d unit vectors) with the highest
-    cosine similarity; no gradient (the support set is a target)."""
-    return queue[(F.normalize(z.float(), dim=1) @ queue.T).argmax(dim=1)]  # n x d
+    """NN(z): for each row of z (n x d), the row of the support set queue (K x d unit vectors) with the highest
+    cosine similarity, and its index; no gradient (the support set is a constant)."""
+    index = (F.normalize(z.float(), dim=1) @ queue.T).argmax(dim=1)  # n
+    return queue[index], index  # n x d, n
 
 
 def nnclr_loss(p1, p2, nn1, nn2, temperature):
@@ -214,6 +232,23 @@ def enqueue(queue, keys, step):
     keys = F.normalize(gather_no_grad(keys).float(), dim=1)  # N x d, no grad (targets only)
     start = step * len(keys) % len(queue)
     queue[start:start + len(keys)] = keys
+
+
+@torch.no_grad()
+def enqueue_labels(queue_labels, labels, step):
+    """The classes of the rows that enqueue(queue, keys, step) wrote: this step's labels (n on each rank) of all
+    ranks, in rank order, at rows [s N, (s + 1) N) mod K."""
+    labels = gather_no_grad(labels)  # N, no grad (targets only)
+    start = step * len(labels) % len(queue_labels)
+    queue_labels[start:start + len(labels)] = labels
+
+
+@torch.no_grad()
+def nn_accuracy(nn_labels, labels):
+    """train/nn_acc: the fraction of this rank's labelled queries (label >= 0) whose nearest neighbour in the
+    support set has their class (nn_labels: the neighbours' queue_labels); NaN where none is labelled."""
+    known = labels >= 0
+    return ((nn_labels == labels) & known).sum() / known.sum()
 
 
 # ---- optimizer and schedules ----
@@ -296,6 +331,7 @@ def train(cfg):
     rank, world_size, device = init_distributed(cfg.dist_timeout)
     is_main = rank == 0
     check_run(cfg)  # settings and run folder, before anything is loaded or written
+    check_support_set(cfg, world_size)
     precision = resolve_precision(cfg.precision, device)  # "bf16" | "fp16" | "fp32"
     torch.manual_seed(cfg.seed)
 
@@ -312,7 +348,7 @@ def train(cfg):
                     total_steps=total_steps, peak_lr=peak_lr)
 
     # ---- model ----
-    model = NNCLR(cfg, world_size).to(device)
+    model = NNCLR(cfg).to(device)
     if world_size > 1 and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -325,8 +361,8 @@ def train(cfg):
     checkpointer = Checkpointer(cfg, schedule, model, optimizer, scaler, metrics, device, rank, world_size)
     step = checkpointer.resume()  # from the newest intact checkpoint in out_dir (see cfg.resume); 0: a new run
     write_run_config(cfg, is_main, precision=precision, **schedule)
-    # broadcast_buffers=False: the queue is the same on every rank (enqueue), so DDP need not send its tens of MB
-    # each step; BN running statistics then stay each rank's own, and rank 0's are saved, as with the broadcast
+    # broadcast_buffers=False: Q is the same on every rank (enqueue), so DDP need not send its tens of MB each
+    # step; BN running statistics then stay each rank's own, and rank 0's are saved, as with the broadcast
     ddp_model = DDP(model, broadcast_buffers=False) if world_size > 1 else model
     if cfg.compile:
         ddp_model = torch.compile(ddp_model)
@@ -337,24 +373,27 @@ def train(cfg):
         model.train()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not is_main, dynamic_ncols=True)
         tic = time.time()
-        for (x1, x2), _ in bar:
+        for (x1, x2), labels in bar:
             lr = lr_at(step, total_steps, warmup_steps, peak_lr, cfg.min_lr)
             set_lr(optimizer, lr, peak_lr)
             x1 = x1.to(device, non_blocking=True, memory_format=memory_format)
             x2 = x2.to(device, non_blocking=True, memory_format=memory_format)
+            labels = labels.to(device, non_blocking=True)  # for the nn_acc monitor only
             with autocast(device, precision):
                 z1, z2, p1, p2 = ddp_model(x1, x2)
-            nn1, nn2 = nearest_neighbour(z1, model.queue), nearest_neighbour(z2, model.queue)  # sg: no gradient
+            (nn1, index1), (nn2, _) = nearest_neighbour(z1, model.queue), nearest_neighbour(z2, model.queue)
             loss = nnclr_loss(p1, p2, nn1, nn2, cfg.temperature)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)  # the true gradient (fp16), for its norm
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+            nn_acc = nn_accuracy(model.queue_labels[index1], labels)
             # kept on the device; False only for a non-finite step to skip (--skip_nonfinite)
-            if metrics.add(loss=loss, grad_norm=grad_norm):
+            if metrics.add(loss=loss, grad_norm=grad_norm, nn_acc=nn_acc):
                 scaler.step(optimizer)
+                enqueue(model.queue, z1, step)  # after the loss: view 1's projections of all ranks replace Q's oldest
+                enqueue_labels(model.queue_labels, labels, step)  # and their classes, for nn_acc
             scaler.update()
-            enqueue(model.queue, z1, step)  # after the step: view 1's projections of all ranks join Q
             step += 1
             save = checkpointer.due(step)  # every checkpoint_every_steps / _minutes, or after SIGTERM / SIGUSR1
             if step % cfg.log_every == 0 or save:  # the host sync (besides fp16's GradScaler): read, average, check

@@ -1,42 +1,111 @@
 """NNCLR-specific checks: the nearest neighbour is the support set's most similar entry and carries no gradient,
-the support set advances by the global batch and wraps, and a support set that does not fit the global batch
-is a clear error. The battery (tests/case_nnclr.py) checks the loss and the support set across ranks."""
+the support set advances by the global batch and wraps (with the classes beside it), it is part of the model's
+state, a support set that does not fit the global batch is a clear error before anything is written, a support set
+holding the batch's own projections gives the plain cross-view InfoNCE, the nn_acc monitor, and the heads of both
+configs. The battery (tests/case_nnclr.py) checks the loss and the support set across ranks."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import nnclr
-from common.config import UsageError
+from common.config import UsageError, load_config
+from helpers import REPO
+
+
+def tiny(**overrides):
+    return nnclr.Config(**{**dict(proj_hidden_dim=16, proj_dim=8, pred_hidden_dim=16, queue_size=64), **overrides})
 
 
 def test_nearest_neighbour_is_the_most_similar_entry_without_gradient():
     g = torch.Generator().manual_seed(0)
     queue = F.normalize(torch.randn(32, 8, generator=g), dim=1)
     z = (3 * queue[[5, 17, 5]] + 0.01 * torch.randn(3, 8, generator=g)).requires_grad_()  # near entries 5, 17, 5
-    nn = nnclr.nearest_neighbour(z, queue)
-    assert torch.equal(nn, queue[[5, 17, 5]]) and not nn.requires_grad
+    nn, index = nnclr.nearest_neighbour(z, queue)
+    assert index.tolist() == [5, 17, 5] and torch.equal(nn, queue[[5, 17, 5]]) and not nn.requires_grad
     cosines = F.normalize(z.detach(), dim=1) @ queue.T
-    assert torch.equal(nn, queue[cosines.argmax(1)])
+    assert torch.equal(index, cosines.argmax(1))  # the cosine, not the dot product: z's scale does not matter
+    loss = nnclr.nnclr_loss(torch.randn(3, 8, requires_grad=True), z, nn, nn, 0.2)
+    loss.backward()
+    assert z.grad.abs().sum() > 0  # z gets its gradient as a prediction here, never through NN(z)
 
 
-def test_the_predictions_carry_the_gradient():
+def test_only_the_predictions_carry_the_gradient():
     g = torch.Generator().manual_seed(1)
-    p1, p2, nn1, nn2 = (torch.randn(4, 8, generator=g).requires_grad_() for _ in range(4))
-    nnclr.nnclr_loss(p1, p2, nn1.detach(), nn2.detach(), 0.2).backward()
-    assert p1.grad.abs().sum() > 0 and p2.grad.abs().sum() > 0
+    p1, p2, z1, z2 = (torch.randn(4, 8, generator=g).requires_grad_() for _ in range(4))
+    queue = F.normalize(torch.randn(16, 8, generator=g), dim=1)
+    (nn1, _), (nn2, _) = nnclr.nearest_neighbour(z1, queue), nnclr.nearest_neighbour(z2, queue)
+    nnclr.nnclr_loss(p1, p2, nn1, nn2, 0.2).backward()
+    assert p1.grad.abs().sum() > 0 and p2.grad.abs().sum() > 0 and z1.grad is None and z2.grad is None
 
 
 def test_support_set_advances_by_the_global_batch_and_wraps():
-    queue = torch.zeros(12, 2)
-    for step in range(4):
+    queue, labels = torch.zeros(12, 2), torch.full((12,), -1)
+    for step in range(4):  # 4 steps of 4 vectors into 12 rows: the 4th overwrites the 1st
         nnclr.enqueue(queue, torch.full((4, 2), float(step + 1)), step)
+        nnclr.enqueue_labels(labels, torch.full((4,), step + 1), step)
     expected = torch.tensor([4.0] * 4 + [2.0] * 4 + [3.0] * 4)[:, None].expand(12, 2)
-    torch.testing.assert_close(queue, F.normalize(expected, dim=1))
+    torch.testing.assert_close(queue, F.normalize(expected, dim=1))  # stored L2-normalised
+    assert labels.tolist() == [4] * 4 + [2] * 4 + [3] * 4
 
 
-def test_support_set_size_must_fit_the_global_batch():
-    with pytest.raises(UsageError, match="queue_size 1000 must be a positive multiple of the global batch 64"):
-        nnclr.NNCLR(nnclr.Config(batch_size=32, queue_size=1000, proj_hidden_dim=16, pred_hidden_dim=16), 2)
-    model = nnclr.NNCLR(nnclr.Config(batch_size=32, queue_size=1024, proj_hidden_dim=16, pred_hidden_dim=16), 2)
-    assert model.queue.shape == (1024, 256) and torch.allclose(model.queue.norm(dim=1), torch.ones(1024))
+def test_support_set_is_model_state_drawn_from_the_seed():
+    """queue and queue_labels are buffers (checkpoints and resume hold them), random unit vectors from the seed
+    with no class yet."""
+    torch.manual_seed(0)
+    model = nnclr.NNCLR(tiny())
+    torch.manual_seed(0)
+    again = nnclr.NNCLR(tiny())
+    state = model.state_dict()
+    assert state["queue"].shape == (64, 8) and torch.equal(state["queue"], again.state_dict()["queue"])
+    torch.testing.assert_close(state["queue"].norm(dim=1), torch.ones(64))
+    assert state["queue_labels"].tolist() == [-1] * 64
     assert [type(m).__name__ for m in model.projector][-1] == "BatchNorm1d"  # BN after every Linear
+    assert [type(m).__name__ for m in model.predictor][-1] == "Linear"  # none on the prediction
+
+
+def test_support_set_must_fit_the_global_batch(tmp_path):
+    with pytest.raises(UsageError, match="queue_size 1000 must be a positive multiple of the global batch 64 "
+                                         r"\(32 x 2 ranks\).*--queue_size 960"):
+        nnclr.check_support_set(tiny(batch_size=32, queue_size=1000), world_size=2)
+    nnclr.check_support_set(tiny(batch_size=32, queue_size=1024), world_size=2)
+    cfg = tiny(dataset="synthetic", batch_size=16, queue_size=40, num_workers=0, out_dir=str(tmp_path / "run"))
+    with pytest.raises(UsageError, match="queue_size 40 must be a positive multiple of the global batch 16") as e:
+        nnclr.train(cfg)  # before the data are loaded and before the run folder is made
+    assert "\n" not in str(e.value) and not (tmp_path / "run").exists()
+
+
+def test_a_support_set_of_the_batch_itself_gives_the_cross_view_infonce():
+    """Q = the batch's own projections: NN(z) = z / ||z||, and the loss is InfoNCE of z1 against the other view's
+    predictions (and back), the SimCLR-like loss without NNCLR's friend."""
+    g = torch.Generator().manual_seed(2)
+    z1, z2, p1, p2 = (torch.randn(6, 8, generator=g) for _ in range(4))
+    queue = F.normalize(torch.cat([z1, z2]), dim=1)
+    (nn1, index1), (nn2, index2) = nnclr.nearest_neighbour(z1, queue), nnclr.nearest_neighbour(z2, queue)
+    assert index1.tolist() == list(range(6)) and index2.tolist() == list(range(6, 12))
+    tau, labels = 0.2, torch.arange(6)
+    expected = (F.cross_entropy(F.normalize(z1, dim=1) @ F.normalize(p2, dim=1).T / tau, labels)
+                + F.cross_entropy(F.normalize(z2, dim=1) @ F.normalize(p1, dim=1).T / tau, labels)) / 2
+    torch.testing.assert_close(nnclr.nnclr_loss(p1, p2, nn1, nn2, tau), expected)
+
+
+def test_nn_accuracy_counts_labelled_queries_only():
+    labels = torch.tensor([0, 1, 2, -1])
+    assert nnclr.nn_accuracy(torch.tensor([0, 2, 2, -1]), labels).item() == pytest.approx(2 / 3)
+    assert math.isnan(nnclr.nn_accuracy(torch.tensor([-1, -1]), torch.tensor([-1, -1])).item())  # no labels
+
+
+@pytest.mark.parametrize("name, queue_size, temperature", [("nnclr.yaml", 65536, 0.2),
+                                                            ("nnclr_imagenet.yaml", 98304, 0.1)])
+def test_configs_build_the_papers_heads(name, queue_size, temperature):
+    """Projector 2048-2048-256 with BN after every Linear (ReLU after all but the last), predictor 4096-256."""
+    cfg = load_config(nnclr.Config, ["--config", str(REPO / "configs" / name), "--arch", "resnet18"])
+    assert (cfg.queue_size, cfg.temperature) == (queue_size, temperature)
+    model = nnclr.NNCLR(cfg)
+    kinds = [type(m).__name__ for m in model.projector]
+    assert kinds == ["Linear", "BatchNorm1d", "ReLU"] * 2 + ["Linear", "BatchNorm1d"]
+    assert [m.out_features for m in model.projector if isinstance(m, torch.nn.Linear)] == [2048, 2048, 256]
+    assert [m.out_features for m in model.predictor if isinstance(m, torch.nn.Linear)] == [4096, 256]
+    if name == "nnclr.yaml":  # the CIFAR recipe is the Config's defaults
+        assert cfg == nnclr.Config(data_dir=cfg.data_dir, knn_every=cfg.knn_every)
