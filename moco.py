@@ -442,10 +442,10 @@ def train(cfg):
             # kept on the device; False only for a non-finite step to skip (--skip_nonfinite)
             if metrics.add(loss=loss, grad_norm=grad_norm):
                 scaler.step(optimizer)
+                if model.queue is not None:  # after the loss, this step's keys replace the oldest (view 2's in
+                    for queue, keys in zip(model.queue, (k2, k1)):  # queue 0, view 1's in 1); a skipped step
+                        enqueue(queue, keys, step)  # (--skip_nonfinite) leaves the queue as it was
             scaler.update()
-            if model.queue is not None:  # this step's keys replace the oldest: view 2's in queue 0, view 1's in 1
-                for queue, keys in zip(model.queue, (k2, k1)):
-                    enqueue(queue, keys, step)
             step += 1
             tau = tau_at(step, total_steps, cfg.base_tau, cfg.final_tau)
             model.update_key_encoder(tau)  # after the step, for the next step's keys (the official order)
