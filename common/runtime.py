@@ -303,6 +303,11 @@ class Checkpointer:
         periodic = (every > 0 and step % every == 0) or timed
         return (self.stopping or periodic) and step % self.schedule["steps_per_epoch"] != 0
 
+    def kept_backbone(self):
+        """The trunk that evaluation measures: the model's `kept_backbone` where it names one (DINO: its teacher's),
+        else its `backbone`."""
+        return getattr(self.model, "kept_backbone", self.model.backbone)
+
     def save(self, step):
         """Call on every rank after metrics.read(step) (which stops the run on a non-finite loss): write the
         checkpoint of `step`, prune old step files, and exit with EXIT_PREEMPTED if a stop signal came.
@@ -325,7 +330,7 @@ class Checkpointer:
                      "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                      "step": step, "epoch": step // spe, "config": dataclasses.asdict(self.cfg),
                      "schedule": self.schedule, "rng": rng_states(self.device), "metrics": self.metrics.state_dict(),
-                     "backbone": self.model.backbone.state_dict(), "backbone_args": self.model.backbone_args}
+                     "backbone": self.kept_backbone().state_dict(), "backbone_args": self.model.backbone_args}
             try:
                 self._write(state, step, epoch=step // spe if step % spe == 0 else 0)
             except (OSError, RuntimeError) as e:  # torch.save reports some failed writes as RuntimeError

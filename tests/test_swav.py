@@ -1,0 +1,112 @@
+"""SwAV-specific checks: Sinkhorn-Knopp against its marginals, the multi-crop forward (one backbone pass per
+resolution), the queue (a rank's share, its rows after a run and in the checkpoint), the prototypes (unit length,
+frozen at first), the collapse warning and the settings that must fit together. The battery (tests/case_swav.py)
+checks the loss and the codes against the formula and across ranks."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import swav
+from common.config import UsageError
+
+
+def unit_scores(images=64, prototypes=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(images, 16, generator=g), dim=1) @ F.normalize(
+        torch.randn(prototypes, 16, generator=g), dim=1).T
+
+
+def test_sinkhorn_codes_sum_to_one_and_share_the_prototypes_evenly():
+    scores = unit_scores()
+    errors = {}
+    for iterations in (1, 3, 300):
+        codes = swav.sinkhorn(scores, eps=0.05, iterations=iterations)
+        assert codes.shape == (64, 10) and (codes >= 0).all()
+        torch.testing.assert_close(codes.sum(1), torch.ones(64))  # each image's code sums to 1
+        errors[iterations] = (codes.sum(0) / 64 - 1 / 10).abs().max().item()  # each prototype's share vs 1/K
+    assert errors[300] < 1e-5 < errors[3] < errors[1]  # three iterations only approach the equal partition
+    assert not swav.sinkhorn(scores.double(), 0.05, 3).requires_grad  # no grad; fp32 whatever comes in
+    assert swav.sinkhorn(scores.bfloat16(), 0.05, 3).dtype == torch.float32
+
+
+def test_multi_crop_forward_runs_each_resolution_once():
+    seen = []
+
+    def net(x):
+        seen.append(tuple(x.shape))
+        return x.mean(dim=(2, 3))
+
+    crops = [torch.full((2, 3, size, size), float(i)) for i, size in enumerate((32, 32, 16, 16, 16))]
+    out = swav.multi_crop_forward(net, crops)
+    assert seen == [(4, 3, 32, 32), (6, 3, 16, 16)]
+    assert out[:, 0].tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]  # crop by crop, in order
+
+
+def tiny(**overrides):
+    settings = dict(image_size=16, local_size=8, num_local=2, batch_size=4, proj_hidden_dim=16, proj_dim=8,
+                    num_prototypes=6, queue_size=8)
+    return swav.Config(**{**settings, **overrides})
+
+
+def test_forward_scores_unit_vectors_against_unit_prototypes():
+    torch.manual_seed(0)
+    model = swav.SwAV(tiny())
+    with torch.no_grad():
+        model.prototypes.weight.mul_(3.0)
+    model.normalize_prototypes()
+    torch.testing.assert_close(model.prototypes.weight.norm(dim=1), torch.ones(6))
+    crops = [torch.randn(4, 3, 16, 16)] * 2 + [torch.randn(4, 3, 8, 8)] * 2
+    z, scores = model(crops)
+    assert z.shape == (16, 8) and scores.shape == (16, 6) and scores.dtype == torch.float32
+    torch.testing.assert_close(z.norm(dim=1), torch.ones(16))
+    assert scores.abs().max() <= 1 + 1e-5  # cosines
+
+
+def test_queue_scores_are_this_ranks_share():
+    model = swav.SwAV(tiny())
+    model.queue.copy_(torch.randn(2, 8, 8))
+    whole = model.queue_scores(0, 1)
+    halves = [model.queue_scores(rank, 2) for rank in range(2)]
+    assert whole.shape == (2, 8, 6) and halves[0].shape == (2, 4, 6)
+    torch.testing.assert_close(torch.cat(halves, dim=1), whole)
+
+
+def test_the_trained_run_froze_the_prototypes_then_filled_the_queue(trained):
+    """The battery's run (tests/case_swav.py: prototypes frozen for 0.75 epoch = 3 steps, a queue of 32 rows = 2
+    global batches from step 0): after step 3 the optimizer holds no state for the prototypes (they never had a
+    gradient) and they are the unit vectors of step 3's start, after step 4 it does and they have moved; the queue
+    is full of unit vectors from step 2 on, and the checkpoint keeps it."""
+    cfg = swav.Config(proj_hidden_dim=64, proj_dim=32, num_prototypes=30)
+    model = swav.SwAV(cfg)
+    params = [p for group in swav.build_optimizer(cfg, model).param_groups for p in group["params"]]
+    index = next(i for i, p in enumerate(params) if p is model.prototypes.weight)
+    at_3 = torch.load(trained["swav"] / "step_00000003.pt", weights_only=True)
+    at_4 = torch.load(trained["swav"] / "step_00000004.pt", weights_only=True)
+    assert index not in at_3["optimizer"]["state"] and index in at_4["optimizer"]["state"]
+    for ckpt in (at_3, at_4):
+        torch.testing.assert_close(ckpt["model"]["queue"].norm(dim=2), torch.ones(2, 32))
+    # normalised before each step's forward: still unit vectors after a frozen step, not after a trained one
+    torch.testing.assert_close(at_3["model"]["prototypes.weight"].norm(dim=1), torch.ones(30))
+    assert (at_4["model"]["prototypes.weight"].norm(dim=1) - 1).abs().max() > 1e-4
+
+
+def test_collapse_warning():
+    ln_k = math.log(3000)
+    healthy = {"train/epoch_loss": 5.0, "train/epoch_code_entropy": 3.0, "train/epoch_prototypes_used": 0.8}
+    assert swav.collapse_warning(healthy, 3000) is None
+    for name, value in (("loss", ln_k * 1.001), ("code_entropy", ln_k * 0.99), ("prototypes_used", 0.004)):
+        message = swav.collapse_warning({**healthy, f"train/epoch_{name}": value}, 3000)
+        assert message.startswith("warning: SwAV looks collapsed") and "--sinkhorn_eps" in message
+
+
+def test_settings_that_must_fit_together(capsys):
+    assert swav.check_swav(tiny(queue_size=3840, batch_size=100), world_size=2, is_main=True) == 3800
+    assert "queue_size 3840 trimmed to 3800" in capsys.readouterr().out
+    assert swav.check_swav(tiny(queue_size=0), world_size=2, is_main=True) == 0
+    for overrides, message in ((dict(queue_size=50, batch_size=64), "holds no whole global batch"),
+                               (dict(local_min_scale=0.5, crop_min_scale=0.14), "crop scales must satisfy"),
+                               (dict(sinkhorn_eps=0.0), "sinkhorn_eps > 0")):
+        with pytest.raises(UsageError, match=message):
+            swav.check_swav(tiny(**overrides), world_size=1, is_main=True)
