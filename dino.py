@@ -37,6 +37,8 @@ Where the official code's effective behaviour is followed, or departed from:
 - The head's last layer runs in fp32 whatever the precision (the official code ran it under fp16 autocast): its
   outputs are divided by tau_t = 0.04. The center is updated only on applied steps (--skip_nonfinite).
 - ResNets: the teacher's BN statistics are its own, from its train-mode forward, as in the official code.
+- Crops are resized bilinearly (official: bicubic) and blurred with a kernel of about 10% of the crop
+  (common/augment.py; official: PIL's unbounded Gaussian).
 
 Run (batch_size is per rank; lr is per 256 images and scaled by the global batch):
     python dino.py --config configs/dino.yaml --data_dir data --download true

@@ -31,10 +31,14 @@ Where the official code's effective behaviour is followed rather than a literal 
   (queue_size / world_size rows). Sinkhorn's sums run over all ranks, so what it sees is the union of the shares
   either way, and codes are identical to the official per-rank queues; the queue is then one buffer, the same on
   every rank, saved whole in the checkpoint and valid on any number of ranks. Like the official code, it starts
-  empty at queue_start_epoch and is used once full; a step skipped for a non-finite loss (--skip_nonfinite)
-  enqueues nothing, so its rows keep their older content.
-- Sinkhorn subtracts the largest score before the exponential (the same Q after its normalisation; no overflow
-  at small eps) and runs in fp32 whatever the precision (the official code ran it under apex O1).
+  empty at queue_start_epoch and is used from queue_size / global_batch steps later on, when full; a step
+  skipped for a non-finite loss (--skip_nonfinite) enqueues nothing, so its rows keep their older content (zeros,
+  during the first fill: uniform columns for Sinkhorn until they are overwritten).
+- The scores (z and the prototypes' layer) and Sinkhorn are in fp32 whatever the precision (the official code
+  ran them in fp16 under apex O1); Sinkhorn subtracts the largest score before the exponential (the same Q after
+  its normalisation; no overflow at small eps).
+- Crops are resized bilinearly and blurred with a kernel of about 10% of the crop (common/augment.py); the
+  official code blurs with PIL's unbounded Gaussian.
 - LARS here neither decays nor adapts biases and norm parameters (solo-learn's, whose CIFAR recipe is the
   default); the official ImageNet code wraps SGD in apex LARC (trust 0.001, no clipping), which adapts every
   parameter. The prototypes' gradient is dropped for freeze_prototypes_epochs x steps_per_epoch steps
@@ -177,8 +181,9 @@ class SwAV(nn.Module):
 
     def forward(self, crops):
         h = multi_crop_forward(self.backbone, crops)  # V n x width: every crop, the 2 global ones first
-        z = F.normalize(self.projector(h), dim=1)  # V n x proj_dim, unit vectors
-        return z, self.prototypes(z)  # V n x K: scores z . c_k
+        z = F.normalize(self.projector(h).float(), dim=1)  # V n x proj_dim, unit vectors
+        with torch.autocast(z.device.type, enabled=False):  # Sinkhorn divides the scores by eps = 0.05: fp32
+            return z, self.prototypes(z)  # V n x K: scores z . c_k
 
     @torch.no_grad()
     def normalize_prototypes(self):
