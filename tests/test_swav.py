@@ -96,7 +96,9 @@ def test_collapse_warning():
     ln_k = math.log(3000)
     healthy = {"train/epoch_loss": 5.0, "train/epoch_code_entropy": 3.0, "train/epoch_prototypes_used": 0.8}
     assert swav.collapse_warning(healthy, 3000) is None
-    for name, value in (("loss", ln_k * 1.001), ("code_entropy", ln_k * 0.99), ("prototypes_used", 0.004)):
+    assert swav.collapse_warning({**healthy, "train/epoch_loss": 7.925, "train/epoch_code_entropy": 7.76}, 3000) \
+        is None  # the slow start of a healthy run (epoch 9 of the real-image check in README)
+    for name, value in (("loss", ln_k * 1.001), ("code_entropy", ln_k * 0.998), ("prototypes_used", 0.004)):
         message = swav.collapse_warning({**healthy, f"train/epoch_{name}": value}, 3000)
         assert message.startswith("warning: SwAV looks collapsed") and "--sinkhorn_eps" in message
 
