@@ -58,7 +58,8 @@ def test_forward_scores_unit_vectors_against_unit_prototypes():
     model.normalize_prototypes()
     torch.testing.assert_close(model.prototypes.weight.norm(dim=1), torch.ones(6))
     crops = [torch.randn(4, 3, 16, 16)] * 2 + [torch.randn(4, 3, 8, 8)] * 2
-    z, scores = model(crops)
+    with torch.autocast("cpu", torch.bfloat16):  # mixed precision: the scores still in fp32 (Sinkhorn's eps)
+        z, scores = model(crops)
     assert z.shape == (16, 8) and scores.shape == (16, 6) and scores.dtype == torch.float32
     torch.testing.assert_close(z.norm(dim=1), torch.ones(16))
     assert scores.abs().max() <= 1 + 1e-5  # cosines
