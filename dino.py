@@ -83,6 +83,7 @@ class Config:
     crop_min_scale: float = 0.14  # global crops: RandomResizedCrop scale (crop_min_scale, 1)
     local_min_scale: float = 0.05  # local crops: scale (local_min_scale, crop_min_scale)
     num_workers: int = 4  # data-loading processes per rank
+    views: str = "auto"  # batched (a batch at a time on the device) | workers (per image) | auto: batched unless folder
     bad_images: str = "stop"  # an unreadable image file: stop (naming it) | skip (warn, use the next image)
     # model
     arch: str = "resnet18"  # backbone (common/backbones.py)

@@ -69,6 +69,7 @@ class Config:
     augment: str = "asym"  # view preset (common/augment.py): sym | sym_weak | moco_v1 | asym
     crop_min_scale: float = 0.08  # smallest area fraction of RandomResizedCrop
     num_workers: int = 4  # data-loading processes per rank
+    views: str = "auto"  # batched (a batch at a time on the device) | workers (per image) | auto: batched unless folder
     bad_images: str = "stop"  # an unreadable image file: stop (naming it) | skip (warn, use the next image)
     # model
     arch: str = "resnet18"  # backbone (common/backbones.py)

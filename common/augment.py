@@ -28,23 +28,29 @@ def _normalize(dataset):
     return [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)]
 
 
+def blur_kernel_size(size):
+    """The Gaussian blur's kernel for size-px views: about 10% of the image, odd; 0 (no blur) below 96 px."""
+    return max(3, int(0.1 * size) // 2 * 2 + 1) if size >= 96 else 0
+
+
 def view(size, dataset, jitter, blur, solarize, scale=(0.08, 1.0), gray=0.2):
     """One random view: crop, flip, colour jitter, grayscale, (blur), (solarize), normalise."""
     steps = [T.RandomResizedCrop(size, scale=scale, antialias=True), T.RandomHorizontalFlip(),
              T.RandomApply([T.ColorJitter(*jitter)], p=0.8), T.RandomGrayscale(p=gray)]
-    if blur > 0 and size >= 96:
-        kernel = max(3, int(0.1 * size) // 2 * 2 + 1)  # about 10% of the image, odd
-        steps.append(T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur))
+    if blur > 0 and blur_kernel_size(size):
+        steps.append(T.RandomApply([T.GaussianBlur(blur_kernel_size(size), sigma=(0.1, 2.0))], p=blur))
     if solarize > 0:
         steps.append(T.RandomSolarize(threshold=128, p=solarize))  # on uint8 images, before scaling
     return T.Compose(steps + _normalize(dataset))
 
 
 class MultiView:
-    """Applies each transform to the same image: returns a list of views."""
+    """Applies each view to the same image: returns a list of views. `settings` keeps each view's arguments
+    of view(), from which common/batched.py makes the same views a batch at a time."""
 
-    def __init__(self, transforms):
-        self.transforms = transforms
+    def __init__(self, settings):
+        self.settings = settings
+        self.transforms = [view(**s) for s in settings]
 
     def __call__(self, image):
         return [t(image) for t in self.transforms]
@@ -53,15 +59,15 @@ class MultiView:
 def two_views(preset, size, dataset, scale=(0.08, 1.0)):
     if preset not in PRESETS:
         raise UsageError(f"unknown augmentation preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    return MultiView([view(size, dataset, scale=scale, **p) for p in PRESETS[preset]])
+    return MultiView([dict(size=size, dataset=dataset, scale=scale, **p) for p in PRESETS[preset]])
 
 
 def multi_crop(preset, dataset, global_size, local_size, num_local, global_scale=(0.4, 1.0),
                local_scale=(0.05, 0.4)):
     """SwAV / DINO multi-crop: the two global views of `preset`, then `num_local` small crops."""
-    views = [view(global_size, dataset, scale=global_scale, **p) for p in PRESETS[preset]]
+    views = [dict(size=global_size, dataset=dataset, scale=global_scale, **p) for p in PRESETS[preset]]
     local = PRESETS[preset][1] | dict(blur=0.5, solarize=0.0)
-    views += [view(local_size, dataset, scale=local_scale, **local) for _ in range(num_local)]
+    views += [dict(size=local_size, dataset=dataset, scale=local_scale, **local) for _ in range(num_local)]
     return MultiView(views)
 
 

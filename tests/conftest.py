@@ -23,14 +23,17 @@ class Runs(dict):
         super().__init__()
         self.root, self.ranks = root, ranks
 
-    def __missing__(self, method):
-        out = self.root / method / "run"
+    def __missing__(self, key):
+        """key: a method, or (method, *more command-line arguments)."""
+        method, *extra = (key,) if isinstance(key, str) else key
+        out = self.root / "_".join(part.strip("-") for part in (method, *extra)) / "run"
         if self.ranks == 1:
-            result = run_script(quick_args(method, out, *TRAINED_ARGS))
+            result = run_script(quick_args(method, out, *TRAINED_ARGS, *extra))
         else:
-            result = run_torchrun(self.ranks, quick_args(method, out, "--snapshot_every", "1", "--log_every", "1"))
+            result = run_torchrun(self.ranks, quick_args(method, out, "--snapshot_every", "1", "--log_every", "1",
+                                                         *extra))
         assert result.returncode == 0, result.stderr[-3000:]
-        self[method] = out
+        self[key] = out
         return out
 
 

@@ -125,33 +125,35 @@ def assert_same_training_state(resumed, straight):
         assert all(torch.equal(a[k], b[k]) for k in b)
 
 
-# every method resumes mid epoch 1 with another number of data-loading workers; SimCLR, whose plumbing every
-# script shares (checked above and by reading), also mid epoch 2 with the same number
-RESUMES = [(method, 3, 2) for method in METHODS] + [("simclr", 6, 0)]
+# every method resumes mid epoch 1 (its views made a batch at a time, views: auto on synthetic data); SimCLR,
+# whose plumbing every script shares (checked above and by reading), also mid epoch 2, and with views made per
+# image in loader workers, resumed with 2 workers where the first run had none
+RESUMES = [(method, 3, "auto", 0) for method in METHODS] + [("simclr", 6, "auto", 0), ("simclr", 3, "workers", 2)]
 
 
-@pytest.mark.parametrize("method, stopped_after, workers", RESUMES)
-def test_resume_is_exact(method, stopped_after, workers, trained, tmp_path):
+@pytest.mark.parametrize("method, stopped_after, views, workers", RESUMES)
+def test_resume_is_exact(method, stopped_after, views, workers, trained, tmp_path):
     """A run stopped after step 3 (mid epoch 1) or 6 (mid epoch 2), its newest checkpoint that step's, runs the
     same command again (resume: auto): it skips the batches already done and ends with exactly the weights of
     the uninterrupted run (queues, EMA networks and buffers included), and the same epoch means in metrics.jsonl.
-    The resumed run uses 2 data-loading workers where the first used none: views must not depend on it."""
+    Views made by loader workers must not depend on their number: the resumed run there has 2, the first none."""
+    key = method if views == "auto" else (method, "--views", views)
     run = tmp_path / "run"
     run.mkdir()
     name = f"step_{stopped_after:08d}.pt"
-    shutil.copy(trained[method] / name, run / name)
-    args = quick_args(method, run, *TRAINED_ARGS)
+    shutil.copy(trained[key] / name, run / name)
+    args = quick_args(method, run, *TRAINED_ARGS, "--views", views)
     args[args.index("--num_workers") + 1] = str(workers)
     result = run_script(args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resuming from {run / name} at step {stopped_after}" in result.stdout
     assert_same_training_state(torch.load(run / "last.pt", weights_only=True),
-                               torch.load(trained[method] / "last.pt", weights_only=True))
+                               torch.load(trained[key] / "last.pt", weights_only=True))
 
     def epoch_means(out):
         return [line["train/epoch_loss"] for line in metrics_of(out) if "train/epoch_loss" in line]
 
-    assert epoch_means(run) == epoch_means(trained[method])[stopped_after // 4:]  # epochs completed after
+    assert epoch_means(run) == epoch_means(trained[key])[stopped_after // 4:]  # epochs completed after
 
 
 # SimCLR (the lr), and every method with a schedule of its own in metrics.jsonl (an EMA rate: "schedule/...")

@@ -240,7 +240,7 @@ def test_pretrain_loader_global_batches_do_not_depend_on_ranks():
     resumed on another number of ranks with the same global batch sees what the uninterrupted run saw."""
     from types import SimpleNamespace
     cfg = SimpleNamespace(dataset="synthetic", data_dir="", download=False, image_size=8, subset=70, seed=3,
-                          bad_images="stop", num_workers=0)
+                          bad_images="stop", num_workers=0, views="workers")  # batched: tests/test_batched.py
     views = two_views("sym", 8, "synthetic")
 
     def batches(batch_size, world_size, epoch, done=0):

@@ -1,0 +1,243 @@
+"""common/batched.py: each batched step equals torchvision's functional op at the same parameters, and the
+per-image parameters follow the per-image pipeline's distributions (two-sample Kolmogorov-Smirnov tests on
+thousands of draws, at fixed seeds so that the tests are deterministic)."""
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.v2 as T
+import torchvision.transforms.v2.functional as TF
+
+from PIL import Image
+
+from common.augment import PRESETS, multi_crop, two_views
+from common.batched import (BatchedLoader, BatchedView, BatchedViews, adjust_brightness, adjust_contrast,
+                            adjust_hue, adjust_saturation, as_uint8, crop_boxes, gaussian_blur, resized_crops,
+                            solarize)
+from common.config import UsageError
+from common.data import MEAN_STD, pretrain_loader
+
+DRAWS = 4000
+
+
+def ks_statistic(a, b):
+    """The two-sample Kolmogorov-Smirnov statistic: the largest gap between the two empirical CDFs."""
+    a, b = np.sort(np.asarray(a, float)), np.sort(np.asarray(b, float))
+    values = np.concatenate([a, b])
+    return np.abs(np.searchsorted(a, values, "right") / len(a) - np.searchsorted(b, values, "right") / len(b)).max()
+
+
+def assert_same_distribution(a, b):
+    """KS at the 0.1% level: the gap stays below 1.95 sqrt((n + m) / (n m)) when both come from one law."""
+    limit = 1.95 * math.sqrt((len(a) + len(b)) / (len(a) * len(b)))
+    assert ks_statistic(a, b) < limit, (ks_statistic(a, b), limit)
+
+
+def assert_same_rate(hits, p):
+    """A coin's rate over DRAWS flips within 4.5 standard deviations of p."""
+    rate = float(torch.as_tensor(hits).float().mean())
+    assert abs(rate - p) < 4.5 * math.sqrt(p * (1 - p) / DRAWS) + 1e-9, (rate, p)
+
+
+@pytest.mark.parametrize("height, width, scale, ratio", [(320, 320, (0.08, 1.0), (3 / 4, 4 / 3)),  # little rounding
+                                                         (32, 32, (0.08, 1.0), (3 / 4, 4 / 3)),
+                                                         (32, 32, (0.14, 1.0), (3 / 4, 4 / 3)),
+                                                         (24, 40, (0.4, 1.0), (3 / 4, 4 / 3)),
+                                                         (40, 24, (0.9, 1.0), (2.0, 3.0))])  # often falls back
+def test_crop_boxes_follow_random_resized_crop(height, width, scale, ratio):
+    torch.manual_seed(0)
+    image = torch.zeros(3, height, width, dtype=torch.uint8)
+    crop = T.RandomResizedCrop(16, scale=scale, ratio=ratio)
+    ours = crop_boxes(DRAWS, height, width, scale, ratio, torch.Generator().manual_seed(1))
+    theirs = [crop.make_params([image]) for _ in range(DRAWS)]
+    theirs = torch.tensor([[p["left"], p["top"], p["width"], p["height"]] for p in theirs], dtype=torch.float)
+    for column in range(4):  # left, top, width, height
+        assert_same_distribution(ours[:, column], theirs[:, column])
+    assert_same_distribution(ours[:, 2] * ours[:, 3], theirs[:, 2] * theirs[:, 3])  # the area
+    assert_same_distribution(ours[:, 2] / ours[:, 3], theirs[:, 2] / theirs[:, 3])  # the aspect ratio
+    assert torch.equal(ours, ours.round()) and (ours[:, 2:] >= 1).all()  # whole pixels, inside the image
+    assert (ours[:, 0] + ours[:, 2] <= width).all() and (ours[:, 1] + ours[:, 3] <= height).all()
+
+
+def test_jitter_blur_and_coins_follow_the_per_image_pipeline():
+    torch.manual_seed(0)
+    spec = PRESETS["sym"][0]
+    view = BatchedView(96, "folder", **spec, scale=(0.2, 1.0))
+    p = view.sample(DRAWS, 100, 100, torch.Generator().manual_seed(2))
+    jitter = T.ColorJitter(*spec["jitter"])
+    theirs = [jitter.make_params([]) for _ in range(DRAWS)]
+    names = ["brightness_factor", "contrast_factor", "saturation_factor", "hue_factor"]
+    for i, name in enumerate(names):
+        assert_same_distribution(p["factors"][:, i], [t[name] for t in theirs])
+    orders = {tuple(o.tolist()) for o in p["order"]}
+    assert len(orders) == 24  # every order of the four steps, each about 1/24 of the time
+    first = torch.stack([t["fn_idx"] for t in theirs])[:, 0]
+    for step in range(4):
+        assert_same_rate(p["order"][:, 0] == step, float((first == step).float().mean()))
+    blur = T.GaussianBlur(9, sigma=(0.1, 2.0))
+    assert_same_distribution(p["sigma"], [blur.make_params([])["sigma"][0] for _ in range(DRAWS)])
+    assert_same_rate(p["flip"], 0.5)
+    assert_same_rate(p["jitter"], 0.8)
+    assert_same_rate(p["gray"], 0.2)
+    assert_same_rate(p["blur"], spec["blur"])
+    asym = BatchedView(32, "cifar10", **PRESETS["asym"][1]).sample(DRAWS, 32, 32, torch.Generator().manual_seed(3))
+    assert_same_rate(asym["solarize"], 0.2)
+    assert not asym["blur"].any()  # no blur below 96 px (augment.view's rule)
+
+
+def test_each_step_equals_torchvision_at_the_same_parameters():
+    torch.manual_seed(0)
+    x = torch.rand(8, 3, 40, 36)
+    factors = torch.tensor([0.0, 0.3, 0.9, 1.0, 1.2, 1.5, 1.8, 2.0])
+    for ours, theirs in [(adjust_brightness, TF.adjust_brightness), (adjust_contrast, TF.adjust_contrast),
+                         (adjust_saturation, TF.adjust_saturation)]:
+        expected = torch.stack([theirs(x[i], float(f)) for i, f in enumerate(factors)])
+        torch.testing.assert_close(ours(x, factors), expected, atol=1e-6, rtol=0)
+    shifts = torch.tensor([-0.5, -0.3, -0.1, 0.0, 0.05, 0.2, 0.4, 0.5])
+    expected = torch.stack([TF.adjust_hue(x[i], float(h)) for i, h in enumerate(shifts)])
+    torch.testing.assert_close(adjust_hue(x, shifts), expected, atol=1e-5, rtol=0)
+    sigmas = torch.tensor([0.1, 0.3, 0.6, 1.0, 1.3, 1.6, 1.9, 2.0])
+    expected = torch.stack([TF.gaussian_blur(x[i], [9, 9], [float(s)] * 2) for i, s in enumerate(sigmas)])
+    torch.testing.assert_close(gaussian_blur(x, 9, sigmas), expected, atol=1e-6, rtol=0)
+    u8 = (x * 255).round().to(torch.uint8)
+    expected = torch.stack([TF.solarize(u8[i], 128) for i in range(8)]).float() / 255
+    torch.testing.assert_close(solarize(u8.float() / 255), expected, atol=1e-6, rtol=0)
+    boxes = crop_boxes(8, 40, 36, (0.08, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(0))
+    for size in (8, 24, 64):  # smaller than most crops (antialiased), and larger (plain bilinear)
+        expected = torch.stack([TF.resized_crop(x[i], int(top), int(left), int(h), int(w), [size, size],
+                                                antialias=True) for i, (left, top, w, h) in enumerate(boxes)])
+        torch.testing.assert_close(resized_crops(x, boxes, size), expected, atol=1e-5, rtol=0)
+
+
+def test_a_view_equals_torchvisions_steps_in_the_images_own_order():
+    """apply() at sampled parameters equals torchvision's functional ops applied one image at a time, in the
+    order of augment.view() and each image's jitter order."""
+    images = torch.randint(0, 256, (16, 3, 112, 100), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    view = BatchedView(96, "folder", **PRESETS["asym"][1])  # every step on: blur (96 px) and solarisation
+    p = view.sample(16, 112, 100, torch.Generator().manual_seed(4))
+    p["blur"][:8], p["solarize"][::2], p["jitter"][::3] = True, True, False  # both branches of each coin
+    steps = [lambda im, f: TF.adjust_brightness(im, f), lambda im, f: TF.adjust_contrast(im, f),
+             lambda im, f: TF.adjust_saturation(im, f), lambda im, f: TF.adjust_hue(im, f)]
+    mean, std = MEAN_STD["folder"]
+    expected = []
+    for i in range(16):
+        left, top, w, h = (int(v) for v in p["box"][i])
+        im = TF.resized_crop(images[i].float() / 255, top, left, h, w, [96, 96], antialias=True)
+        im = TF.horizontal_flip(im) if p["flip"][i] else im
+        if p["jitter"][i]:
+            for step in p["order"][i].tolist():
+                im = steps[step](im, float(p["factors"][i, step]))
+        im = TF.rgb_to_grayscale(im, num_output_channels=3) if p["gray"][i] else im
+        im = TF.gaussian_blur(im, [view.kernel_size] * 2, [float(p["sigma"][i])] * 2) if p["blur"][i] else im
+        im = TF.solarize(im, 128 / 255) if p["solarize"][i] else im
+        expected.append(TF.normalize(im, mean, std))
+    torch.testing.assert_close(view.apply(images, p), torch.stack(expected), atol=1e-4, rtol=0)
+
+
+def test_views_come_from_the_generator_alone():
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    view = BatchedView(32, "cifar10", **PRESETS["sym"][0])
+    generator = torch.Generator().manual_seed(7)
+    state = generator.get_state()
+    first = view(images, generator)
+    torch.manual_seed(123)  # the global RNG plays no part
+    generator.set_state(state)
+    assert torch.equal(view(images, generator), first)
+    assert not torch.equal(view(images, generator), first)  # the generator moved on
+    assert first.shape == (4, 3, 32, 32) and first.dtype == torch.float32
+
+
+@pytest.mark.parametrize("views", [two_views("asym", 32, "cifar10", scale=(0.2, 1.0)),
+                                   multi_crop("sym", "stl10", 96, 48, 3)])
+def test_batched_views_are_the_per_image_pipelines_views(views):
+    """BatchedViews takes each view's settings from augment's MultiView: the same views, sizes and order."""
+    batched = BatchedViews(views)
+    image = torch.randint(0, 256, (3, 100, 100), dtype=torch.uint8)
+    per_image = views(TF.to_pil_image(image))
+    made = batched(image[None].expand(5, -1, -1, -1), torch.Generator().manual_seed(0))
+    assert [tuple(v.shape) for v in made] == [(5, *v.shape) for v in per_image]
+    for settings, view in zip(views.settings, batched.views):
+        assert (view.size, view.scale, view.solarize) == (settings["size"], settings["scale"], settings["solarize"])
+        assert view.blur == (settings["blur"] if settings["size"] >= 96 else 0.0)
+
+
+def _loader_cfg(**changes):
+    return SimpleNamespace(**{**dict(dataset="synthetic", data_dir="", download=False, image_size=8, subset=70,
+                                     seed=3, bad_images="stop", num_workers=0, views="batched"), **changes})
+
+
+def test_batched_loader_gives_the_same_global_batches_on_any_number_of_ranks():
+    """The views of global batch b, and its images' labels, are the same for 2 ranks x 16 and 1 rank x 32, and a
+    mid-epoch resume (set_epoch with skip) gives exactly the rest of the epoch: DDP equivalence and exact resume
+    need no generator state."""
+    views = two_views("sym", 8, "synthetic")
+
+    def batches(batch_size, world_size, epoch, done=0):
+        per_rank = []
+        for rank in range(world_size):
+            loader = pretrain_loader(_loader_cfg(batch_size=batch_size), views, rank, world_size, torch.device("cpu"))
+            assert isinstance(loader, BatchedLoader)
+            loader.sampler.set_epoch(epoch, skip=done * batch_size)
+            per_rank.append(list(loader))
+            assert len(loader) == len(per_rank[-1])
+        # rank r's row j is row r + W j of the global batch
+        return [([torch.stack([made[v] for made, _ in step], 1).flatten(0, 1) for v in range(2)],
+                 torch.stack([labels for _, labels in step], 1).flatten()) for step in zip(*per_rank)]
+
+    for epoch in (0, 5):
+        one, two = batches(32, 1, epoch), batches(16, 2, epoch)
+        assert len(one) == len(two) == 70 // 32
+        for (views_one, labels_one), (views_two, labels_two) in zip(one, two):
+            assert torch.equal(labels_one, labels_two)
+            for a, b in zip(views_one, views_two):
+                torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    rest = batches(32, 1, 5, done=1)
+    assert len(rest) == 1 and all(torch.equal(a, b) for a, b in zip(rest[0][0], batches(32, 1, 5)[1][0]))
+    assert not torch.equal(batches(32, 1, 0)[0][0][0], batches(32, 1, 1)[0][0][0])  # new views every epoch
+    first = batches(32, 1, 0)[0][0]
+    assert not torch.equal(first[0], first[1])  # the two views of an image differ
+
+
+class _ArrayData(torch.utils.data.Dataset):
+    """A reader that keeps its images as one array, as torchvision's CIFAR (N, H, W, 3) and STL-10 (N, 3, H, W)."""
+
+    def __init__(self, channels_last):
+        self.pixels = torch.randint(0, 256, (12, 3, 10, 14), dtype=torch.uint8, generator=torch.Generator())
+        self.data = (self.pixels.permute(0, 2, 3, 1) if channels_last else self.pixels).numpy()
+        self.targets = list(range(12))
+
+    def __len__(self):
+        return 12
+
+    def __getitem__(self, i):
+        return TF.to_pil_image(self.pixels[i]), self.targets[i]
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_images_are_read_into_memory_from_the_readers_arrays_or_decoded(channels_last):
+    data = _ArrayData(channels_last)
+    images, labels = as_uint8(data)
+    assert torch.equal(images, data.pixels) and labels.tolist() == list(range(12))
+    part = torch.utils.data.Subset(data, [7, 2, 5])
+    images, labels = as_uint8(part)
+    assert torch.equal(images, data.pixels[[7, 2, 5]]) and labels.tolist() == [7, 2, 5]
+    data.data = None  # no array: each image decoded once
+    images, labels = as_uint8(part)
+    assert torch.equal(images, data.pixels[[7, 2, 5]]) and labels.tolist() == [7, 2, 5]
+
+
+def test_batched_views_of_a_folder_need_one_image_size(tmp_path):
+    for i, size in enumerate([(32, 32), (32, 32), (40, 30)]):
+        Image.new("RGB", size, (i * 50, 0, 0)).save(tmp_path / f"{i}.png")
+    cfg = _loader_cfg(dataset="folder", data_dir=str(tmp_path), subset=0, batch_size=2)
+    with pytest.raises(UsageError, match=r"needs one image size; found .*use --views workers"):
+        pretrain_loader(cfg, two_views("sym", 32, "folder"), 0, 1, torch.device("cpu"))
+    (tmp_path / "2.png").unlink()
+    assert isinstance(pretrain_loader(cfg, two_views("sym", 32, "folder"), 0, 1, torch.device("cpu")), BatchedLoader)
+    assert not isinstance(pretrain_loader(_loader_cfg(**{**vars(cfg), "views": "auto"}), two_views("sym", 32, "folder"),
+                                          0, 1, torch.device("cpu")), BatchedLoader)  # auto: workers for folders
+    with pytest.raises(UsageError, match="views must be auto, batched, workers, got 'gpu'"):
+        pretrain_loader(_loader_cfg(views="gpu", batch_size=2), two_views("sym", 8, "synthetic"), 0, 1,
+                        torch.device("cpu"))
