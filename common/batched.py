@@ -143,8 +143,8 @@ class BatchedView:
 
     def __init__(self, size, dataset, jitter, blur, solarize, scale=(0.08, 1.0), gray=0.2, ratio=(3 / 4, 4 / 3),
                  jitter_p=0.8):
-        self.size, self.scale, self.ratio, self.gray, self.solarize, self.jitter_p = size, scale, ratio, gray, \
-            solarize, jitter_p
+        self.size, self.scale, self.ratio = size, scale, ratio
+        self.jitter_p, self.gray, self.solarize = jitter_p, gray, solarize
         b, c, s, h = jitter  # torchvision's ColorJitter ranges: [max(0, 1 - v), 1 + v], hue [-h, h]
         self.jitter = ((max(0.0, 1 - b), 1 + b), (max(0.0, 1 - c), 1 + c), (max(0.0, 1 - s), 1 + s), (-h, h))
         self.kernel_size = blur_kernel_size(size)  # 0: no blur at this size

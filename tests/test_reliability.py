@@ -366,11 +366,13 @@ def test_sigterm_then_a_kill_during_a_checkpoint_write_give_the_uninterrupted_we
     and exit with 75; the same command resumes; SIGKILL while it writes a checkpoint leaves the previous ones
     intact; the same command again ends with exactly the weights of an uninterrupted run."""
     straight = tmp_path / "straight"
-    assert_ok(run_script(quick_args("simclr", straight, *LONG)))
-    out, args = tmp_path / "run", quick_args("simclr", tmp_path / "run", *LONG)
+    assert_ok(run_script(quick_args("simclr", straight, *LONG, "--views", "workers")))
+    out, args = tmp_path / "run", quick_args("simclr", tmp_path / "run", *LONG, "--views", "workers")
     stop_at = random.randint(2, 7)
 
-    proc = start([*args, "--num_workers", "2"])  # workers: how it runs, not what it computes (auto resumes)
+    # views made in 2 loader workers, which the signal reaches too (their number: how it runs, not what it
+    # computes, so the runs below resume it with none)
+    proc = start([*args, "--num_workers", "2"])
     wait_for(lambda: logged_step(out) >= stop_at, proc, f"step {stop_at}")
     os.killpg(proc.pid, signal.SIGTERM)  # as SLURM: to every process of the job, data workers too
     stopped = finish(proc)
