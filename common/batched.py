@@ -1,8 +1,8 @@
 """Views made a whole batch at a time, on the device that trains (`views: batched`), instead of one image at a
 time in loader workers (common/augment.py). The same steps as augment.view() (random resized crop, flip,
 colour jitter in a random order, grayscale, Gaussian blur, solarisation, normalisation), each image with its
-own random parameters drawn from the same distributions as torchvision's transforms, by a torch.Generator
-that the caller seeds and checkpoints. Each step is one tensor operation on the whole batch.
+own random parameters drawn from the same distributions as torchvision's transforms, by a CPU torch.Generator
+seeded per global batch (BatchedLoader). Each step is one tensor operation on the images that take it.
 
 Departures from the per-image pipeline, all within rounding: it works in float32 from the start (torchvision's
 uint8 and PIL kernels round to integers after each step).
@@ -22,15 +22,14 @@ from common.data import EpochSampler, labels_of
 GRAY = (0.2989, 0.587, 0.114)  # torchvision's (ITU-R 601-2) luma weights
 
 
-def crop_boxes(n, height, width, scale, ratio, generator, device="cpu"):
+def crop_boxes(n, height, width, scale, ratio, generator):
     """RandomResizedCrop's boxes for n images of height x width, as (n, 4) float (left, top, width, height) in
     pixels. torchvision's rule for each image: up to 10 tries of an area fraction ~ U(scale) and an aspect ratio
     log-uniform in `ratio`, rounded to whole pixels; the first that fits, at a uniform whole-pixel position; if
     none fits, the central crop with the aspect ratio clamped to `ratio`."""
     tries = 10
-    area = height * width * torch.empty(n, tries, device=device).uniform_(*scale, generator=generator)
-    log_ratio = torch.empty(n, tries, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1]),
-                                                              generator=generator)
+    area = height * width * torch.empty(n, tries).uniform_(*scale, generator=generator)
+    log_ratio = torch.empty(n, tries).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
     w = (area * log_ratio.exp()).sqrt().round()  # round half to even, as Python's round()
     h = (area / log_ratio.exp()).sqrt().round()
     fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
@@ -45,7 +44,7 @@ def crop_boxes(n, height, width, scale, ratio, generator, device="cpu"):
         fallback_w, fallback_h = width, height
     w = torch.where(found, w, float(fallback_w))
     h = torch.where(found, h, float(fallback_h))
-    position = torch.rand(n, 2, device=device, generator=generator)  # randint(0, free + 1) per image
+    position = torch.rand(n, 2, generator=generator)  # randint(0, free + 1) per image
     top = (position[:, 0] * (height - h + 1)).floor().clamp(max=height - h)
     left = (position[:, 1] * (width - w + 1)).floor().clamp(max=width - w)
     top = torch.where(found, top, ((height - h) / 2).floor())
@@ -138,7 +137,7 @@ def solarize(x):
 
 class BatchedView:
     """One view of augment.view(), made for a batch: call it with (n, 3, H, W) uint8 images (or float in
-    [0, 1]) and a torch.Generator on the images' device; returns (n, 3, size, size) float32, normalised.
+    [0, 1]) on any device and a CPU torch.Generator; returns (n, 3, size, size) float32, normalised.
     sample() draws each image's parameters (the distributions of the per-image pipeline), apply() uses them."""
 
     def __init__(self, size, dataset, jitter, blur, solarize, scale=(0.08, 1.0), gray=0.2, ratio=(3 / 4, 4 / 3),
@@ -151,18 +150,19 @@ class BatchedView:
         self.blur = blur if self.kernel_size else 0.0
         self.mean, self.std = (torch.tensor(v).view(1, 3, 1, 1) for v in MEAN_STD.get(dataset, MEAN_STD["folder"]))
 
-    def sample(self, n, height, width, generator, device="cpu"):
-        """Each of n images' random parameters, as a dict of tensors with n rows."""
+    def sample(self, n, height, width, generator):
+        """Each of n images' random parameters, as a dict of CPU tensors with n rows (a CPU generator: the same
+        views on every device, and which images take each step is known without waiting for the device)."""
         def uniform(low, high):
-            return torch.empty(n, device=device).uniform_(low, high, generator=generator)
+            return torch.empty(n).uniform_(low, high, generator=generator)
 
         def coin(p):
-            return torch.rand(n, device=device, generator=generator) < p
+            return torch.rand(n, generator=generator) < p
 
-        return {"box": crop_boxes(n, height, width, self.scale, self.ratio, generator, device),
+        return {"box": crop_boxes(n, height, width, self.scale, self.ratio, generator),
                 "flip": coin(0.5),
                 "jitter": coin(self.jitter_p),
-                "order": torch.rand(n, 4, device=device, generator=generator).argsort(dim=1),  # a random order
+                "order": torch.rand(n, 4, generator=generator).argsort(dim=1),  # each image's order of the 4 steps
                 "factors": torch.stack([uniform(*r) for r in self.jitter], dim=1),
                 "gray": coin(self.gray),
                 "blur": coin(self.blur),
@@ -170,24 +170,31 @@ class BatchedView:
                 "solarize": coin(self.solarize)}
 
     def apply(self, images, p):
+        """The views of `images` (on any device) at parameters p (from sample()); each step runs on the images
+        that take it, and only on those."""
+        device = images.device
         x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
-        x = resized_crops(x, p["box"], self.size)
-        x = torch.where(_per_image(p["flip"], x), x.flip(-1), x)
-        jittered = x
+        x = resized_crops(x, p["box"].to(device), self.size)
+        x = torch.where(_per_image(p["flip"].to(device), x), x.flip(-1), x)
+
+        def some(mask, step, *per_image):  # x[i] = step(x[i], *per_image[i]) for the images where mask is set
+            rows = mask.nonzero().squeeze(1)
+            if len(rows):
+                on_device = rows.to(device)
+                x[on_device] = step(x[on_device], *(value[rows].to(device) for value in per_image))
+
         for slot in range(4):  # each image's four jitter steps in its own order (torchvision: randperm(4))
-            step = p["order"][:, slot]
-            options = [fn(jittered, p["factors"][:, i]) for i, fn in enumerate(JITTER_STEPS)]
-            jittered = torch.stack(options)[step, torch.arange(len(x), device=x.device)]
-        x = torch.where(_per_image(p["jitter"], x), jittered, x)
-        x = torch.where(_per_image(p["gray"], x), grayscale(x).expand_as(x), x)
+            for i, step in enumerate(JITTER_STEPS):
+                some(p["jitter"] & (p["order"][:, slot] == i), step, p["factors"][:, i])
+        some(p["gray"], lambda v: grayscale(v).expand_as(v))
         if self.blur > 0:
-            x = torch.where(_per_image(p["blur"], x), gaussian_blur(x, self.kernel_size, p["sigma"]), x)
+            some(p["blur"], lambda v, sigma: gaussian_blur(v, self.kernel_size, sigma), p["sigma"])
         if self.solarize > 0:
-            x = torch.where(_per_image(p["solarize"], x), solarize(x), x)
-        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+            some(p["solarize"], solarize)
+        return (x - self.mean.to(device)) / self.std.to(device)
 
     def __call__(self, images, generator):
-        return self.apply(images, self.sample(len(images), *images.shape[-2:], generator, images.device))
+        return self.apply(images, self.sample(len(images), *images.shape[-2:], generator))
 
 
 class BatchedViews:
@@ -201,7 +208,7 @@ class BatchedViews:
     def __call__(self, images, generator, rank=0, world_size=1):
         made = []
         for view in self.views:
-            p = view.sample(len(images) * world_size, *images.shape[-2:], generator, images.device)
+            p = view.sample(len(images) * world_size, *images.shape[-2:], generator)
             made.append(view.apply(images, {name: value[rank::world_size] for name, value in p.items()}))
         return made
 
@@ -260,7 +267,7 @@ class BatchedLoader:
             epoch = keys[0][0]
             index = torch.tensor([i for _, i in keys[k * self.batch_size:(k + 1) * self.batch_size]])
             images = self.images[index.to(self.images.device)].to(self.device, non_blocking=True)
-            generator = torch.Generator(self.device).manual_seed(batch_seed(self.seed, epoch, first + k))
+            generator = torch.Generator().manual_seed(batch_seed(self.seed, epoch, first + k))
             yield self.views(images, generator, self.rank, self.world_size), self.labels[index.to(self.device)]
 
 
