@@ -303,7 +303,7 @@ def train(cfg):
     # ---- data ----
     views = two_views(cfg.augment, cfg.image_size, cfg.dataset, scale=(cfg.crop_min_scale, 1.0))
     loader = pretrain_loader(cfg, views, rank, world_size, device)
-    unlabelled = sum(label < 0 for label in labels_of(loader.dataset.dataset))  # once, from the reader's lists
+    unlabelled = sum(label < 0 for label in labels_of(loader.images))  # once, from the reader's lists
     if unlabelled:  # label -1: stl10's unlabeled split, a folder without class sub-folders
         raise UsageError(f"SupCon needs a label for every image, and {unlabelled} of the pre-training images of "
                          f"{cfg.dataset!r} at {cfg.data_dir!r} have none; use labelled data (cifar10, cifar100, or a "

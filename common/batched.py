@@ -251,7 +251,7 @@ class BatchedLoader:
     the views depend on neither the number of ranks nor a resume, and no generator state needs keeping."""
 
     def __init__(self, images, labels, views, batch_size, rank, world_size, seed, device):
-        self.images, self.labels = images, labels.to(device)
+        self.pixels, self.labels = images, labels.to(device)
         self.views, self.batch_size, self.rank, self.world_size = BatchedViews(views), batch_size, rank, world_size
         self.seed, self.device = seed, device
         self.sampler = EpochSampler(DistributedSampler(range(len(images)), world_size, rank, shuffle=True,
@@ -266,7 +266,7 @@ class BatchedLoader:
         for k in range(len(self)):
             epoch = keys[0][0]
             index = torch.tensor([i for _, i in keys[k * self.batch_size:(k + 1) * self.batch_size]])
-            images = self.images[index.to(self.images.device)].to(self.device, non_blocking=True)
+            images = self.pixels[index.to(self.pixels.device)].to(self.device, non_blocking=True)
             generator = torch.Generator().manual_seed(batch_seed(self.seed, epoch, first + k))
             yield self.views(images, generator, self.rank, self.world_size), self.labels[index.to(self.device)]
 

@@ -194,9 +194,10 @@ def subset(dataset, n, seed=0):
 def pretrain_loader(cfg, views, rank, world_size, device):
     """The pre-training loader of a method script: cfg.dataset's 'pretrain' split (a fixed random cfg.subset of
     it), each image turned into `views` (two views or multi-crop), and this rank's share of every global batch.
-    Call loader.sampler.set_epoch(epoch) each epoch. With views made per image (cfg.views, views_on_device) a
-    DataLoader whose views' randomness is fixed by (seed, epoch, index); made a batch at a time, a
-    common/batched.py BatchedLoader (the same batches; randomness fixed by (seed, epoch, global batch)).
+    Call loader.sampler.set_epoch(epoch) each epoch; loader.images is the data set. With views made per image
+    (cfg.views, views_on_device) a DataLoader whose views' randomness is fixed by (seed, epoch, index); made a
+    batch at a time, a common/batched.py BatchedLoader (the same batches; randomness fixed by (seed, epoch,
+    global batch)).
 
     DistributedSampler's permutation depends on the seed and the epoch only, and rank r takes its items r, r + W,
     ...: global batch b is items [b * G, (b + 1) * G) of the permutation for any split of the global batch G over
@@ -220,6 +221,7 @@ def pretrain_loader(cfg, views, rank, world_size, device):
     if len(loader) == 0:
         raise UsageError(f"{len(images)} images make no full batch of {cfg.batch_size} x {world_size} "
                          "ranks; lower --batch_size")
+    loader.images = images  # the data set before views (its labels: labels_of(loader.images))
     return loader
 
 
