@@ -152,7 +152,7 @@ class BatchedView:
 
     def sample(self, n, height, width, generator):
         """Each of n images' random parameters, as a dict of CPU tensors with n rows (a CPU generator: the same
-        views on every device, and which images take each step is known without waiting for the device)."""
+        parameters on every device, and which images take each step is known without waiting for the device)."""
         def uniform(low, high):
             return torch.empty(n).uniform_(low, high, generator=generator)
 
