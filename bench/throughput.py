@@ -3,9 +3,9 @@
     python bench/throughput.py                                   # simclr, synthetic images, this machine
     python bench/throughput.py --methods simclr swav --dataset folder --data_dir /tmp/cifar10-jpeg
 
-For each method, three runs of its own train() (each in a fresh process, --log_every 1, on a fixed subset of
-(warmup_steps + steps) x batch_size images), timed from the metrics.jsonl line each step writes; images/s is
-the median over the steps after --warmup_steps:
+For each method and mode, --repeats runs of the method's own train() (the best counts; each in a fresh process,
+--log_every 1, on a fixed subset of (warmup_steps + steps) x batch_size images), timed from the metrics.jsonl
+line each step writes; images/s is the median over the steps after --warmup_steps:
   model      every step trains on one batch of views made before the run (pretrain_loader replaced by a loader
              that repeats it): the limit of this machine for the method
   batched    end to end, views made a batch at a time on the device (--views batched)
@@ -35,8 +35,8 @@ class RepeatedBatch:
         def set_epoch(self, epoch, skip=0):
             pass
 
-    def __init__(self, batch, steps):
-        self.batch, self.steps, self.sampler = batch, steps, self.Sampler()
+    def __init__(self, batch, steps, images):
+        self.batch, self.steps, self.sampler, self.images = batch, steps, self.Sampler(), images
 
     def __len__(self):
         return self.steps
@@ -62,7 +62,7 @@ def run_one(method, mode, script_args):
             loader = real_loader(cfg, views, rank, world_size, device)
             made, labels = next(iter(loader))
             made = [v.to(device) for v in made]
-            return RepeatedBatch((made, torch.as_tensor(labels).to(device)), len(loader))
+            return RepeatedBatch((made, torch.as_tensor(labels).to(device)), len(loader), loader.images)
 
         module.pretrain_loader = repeated
     module.train(cfg)
