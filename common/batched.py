@@ -2,7 +2,10 @@
 time in loader workers (common/augment.py). The same steps as augment.view() (random resized crop, flip,
 colour jitter in a random order, grayscale, Gaussian blur, solarisation, normalisation), each image with its
 own random parameters drawn from the same distributions as torchvision's transforms, by a CPU torch.Generator
-seeded per global batch (BatchedLoader). Each step is one tensor operation on the images that take it.
+seeded per global batch. Each step is one tensor operation on the images that take it (the crop: one per image
+when the images differ in size). Images come from memory (BatchedLoader: data sets read as one array) or, for
+image folders, from files read by loader workers and decoded a batch at a time on the device (DecodingLoader:
+torchvision.io.decode_jpeg, nvJPEG on a GPU).
 
 Departures from the per-image pipeline, all within rounding: it works in float32 from the start (torchvision's
 uint8 and PIL kernels round to integers after each step).
@@ -12,44 +15,56 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from common.augment import MEAN_STD, blur_kernel_size
 from common.config import UsageError
-from common.data import EpochSampler, labels_of
+from common.data import EpochSampler, ignore_stop_signals, labels_of
 
 GRAY = (0.2989, 0.587, 0.114)  # torchvision's (ITU-R 601-2) luma weights
 
 
-def crop_boxes(n, height, width, scale, ratio, generator):
-    """RandomResizedCrop's boxes for n images of height x width, as (n, 4) float (left, top, width, height) in
-    pixels. torchvision's rule for each image: up to 10 tries of an area fraction ~ U(scale) and an aspect ratio
-    log-uniform in `ratio`, rounded to whole pixels; the first that fits, at a uniform whole-pixel position; if
-    none fits, the central crop with the aspect ratio clamped to `ratio`."""
+def crop_draws(n, scale, ratio, generator):
+    """The random numbers of RandomResizedCrop for n images, which do not depend on the images' sizes: per image,
+    10 tries of an area fraction ~ U(scale) and a log aspect ratio ~ U(log ratio), and a uniform position."""
     tries = 10
-    area = height * width * torch.empty(n, tries).uniform_(*scale, generator=generator)
-    log_ratio = torch.empty(n, tries).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
-    w = (area * log_ratio.exp()).sqrt().round()  # round half to even, as Python's round()
-    h = (area / log_ratio.exp()).sqrt().round()
-    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    return {"area": torch.empty(n, tries).uniform_(*scale, generator=generator),
+            "log_ratio": torch.empty(n, tries).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator),
+            "position": torch.rand(n, 2, generator=generator)}
+
+
+def boxes_of(draws, height, width, ratio):
+    """RandomResizedCrop's boxes from crop_draws for images of height x width (ints, or (n,) tensors: each image's
+    own size), as (n, 4) float (left, top, width, height) in pixels. torchvision's rule for each image: the first
+    of the 10 tries whose area and aspect ratio, rounded to whole pixels, fit, at a uniform whole-pixel position;
+    if none fits, the central crop with the aspect ratio clamped to `ratio`."""
+    n = len(draws["area"])
+    height = torch.as_tensor(height, dtype=torch.float32).expand(n)
+    width = torch.as_tensor(width, dtype=torch.float32).expand(n)
+    area = (height * width)[:, None] * draws["area"]
+    w = (area * draws["log_ratio"].exp()).sqrt().round()  # round half to even, as Python's round()
+    h = (area / draws["log_ratio"].exp()).sqrt().round()
+    fits = (w > 0) & (w <= width[:, None]) & (h > 0) & (h <= height[:, None])
     first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)  # the first try that fits (0 when none does)
     found = fits.any(dim=1)
     w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
-    if width / height < min(ratio):  # the fallback: the whole image, or its centre at the nearest allowed ratio
-        fallback_w, fallback_h = width, round(width / min(ratio))
-    elif width / height > max(ratio):
-        fallback_w, fallback_h = round(height * max(ratio)), height
-    else:
-        fallback_w, fallback_h = width, height
-    w = torch.where(found, w, float(fallback_w))
-    h = torch.where(found, h, float(fallback_h))
-    position = torch.rand(n, 2, generator=generator)  # randint(0, free + 1) per image
-    top = (position[:, 0] * (height - h + 1)).floor().clamp(max=height - h)
-    left = (position[:, 1] * (width - w + 1)).floor().clamp(max=width - w)
+    narrow, wide = width / height < min(ratio), width / height > max(ratio)
+    fallback_w = torch.where(wide, (height * max(ratio)).round(), width)  # the whole image, or its centre at the
+    fallback_h = torch.where(narrow, (width / min(ratio)).round(), height)  # nearest allowed aspect ratio
+    w, h = torch.where(found, w, fallback_w), torch.where(found, h, fallback_h)
+    position = draws["position"]  # randint(0, free + 1) per image
+    top = torch.minimum((position[:, 0] * (height - h + 1)).floor(), height - h)
+    left = torch.minimum((position[:, 1] * (width - w + 1)).floor(), width - w)
     top = torch.where(found, top, ((height - h) / 2).floor())
     left = torch.where(found, left, ((width - w) / 2).floor())
     return torch.stack((left, top, w, h), dim=1)
+
+
+def crop_boxes(n, height, width, scale, ratio, generator):
+    """RandomResizedCrop's boxes for n images of height x width (see crop_draws and boxes_of)."""
+    return boxes_of(crop_draws(n, scale, ratio, generator), height, width, ratio)
 
 
 def _resize_weights(start, length, size, full):
@@ -76,6 +91,10 @@ def resized_crops(images, boxes, size):
 def grayscale(x):
     """(n, 3, H, W) -> (n, 1, H, W) luma."""
     return (GRAY[0] * x[:, 0] + GRAY[1] * x[:, 1] + GRAY[2] * x[:, 2]).unsqueeze(1)
+
+
+def _as_float(images):
+    return images.float() / 255 if images.dtype == torch.uint8 else images.float()
 
 
 def _per_image(values, x):
@@ -137,7 +156,8 @@ def solarize(x):
 
 class BatchedView:
     """One view of augment.view(), made for a batch: call it with (n, 3, H, W) uint8 images (or float in
-    [0, 1]) on any device and a CPU torch.Generator; returns (n, 3, size, size) float32, normalised.
+    [0, 1]; or a list of n images of any sizes) on any device and a CPU torch.Generator; returns (n, 3, size,
+    size) float32, normalised.
     sample() draws each image's parameters (the distributions of the per-image pipeline), apply() uses them."""
 
     def __init__(self, size, dataset, jitter, blur, solarize, scale=(0.08, 1.0), gray=0.2, ratio=(3 / 4, 4 / 3),
@@ -150,16 +170,17 @@ class BatchedView:
         self.blur = blur if self.kernel_size else 0.0
         self.mean, self.std = (torch.tensor(v).view(1, 3, 1, 1) for v in MEAN_STD.get(dataset, MEAN_STD["folder"]))
 
-    def sample(self, n, height, width, generator):
-        """Each of n images' random parameters, as a dict of CPU tensors with n rows (a CPU generator: the same
-        parameters on every device, and which images take each step is known without waiting for the device)."""
+    def sample(self, n, generator):
+        """Each of n images' random parameters, as a dict of CPU tensors with n rows; none depends on the images'
+        sizes (a crop's box is worked out from them in apply()). A CPU generator: the same parameters on every
+        device, and which images take each step is known without waiting for the device."""
         def uniform(low, high):
             return torch.empty(n).uniform_(low, high, generator=generator)
 
         def coin(p):
             return torch.rand(n, generator=generator) < p
 
-        return {"box": crop_boxes(n, height, width, self.scale, self.ratio, generator),
+        return {**crop_draws(n, self.scale, self.ratio, generator),
                 "flip": coin(0.5),
                 "jitter": coin(self.jitter_p),
                 "order": torch.rand(n, 4, generator=generator).argsort(dim=1),  # each image's order of the 4 steps
@@ -169,12 +190,28 @@ class BatchedView:
                 "sigma": uniform(0.1, 2.0),
                 "solarize": coin(self.solarize)}
 
+    def crops(self, images, p):
+        """Each image's random resized crop at parameters p, (n, 3, size, size) float in [0, 1]. images: (n, 3, H,
+        W) uint8 (or float in [0, 1]), or a list of n (3, h, w) ones of any sizes, cropped one at a time."""
+        if not torch.is_tensor(images) and len({image.shape for image in images}) == 1:
+            images = torch.stack(images)
+        if torch.is_tensor(images):
+            boxes = boxes_of(p, images.shape[-2], images.shape[-1], self.ratio)
+            return resized_crops(_as_float(images), boxes.to(images.device), self.size)
+        boxes = boxes_of(p, torch.tensor([image.shape[-2] for image in images]),
+                         torch.tensor([image.shape[-1] for image in images]), self.ratio)
+        made = []
+        for image, (left, top, w, h) in zip(images, boxes.int().tolist()):
+            crop = image[None, :, top:top + h, left:left + w]  # the box alone, then resized as a whole
+            made.append(resized_crops(_as_float(crop), torch.tensor([[0.0, 0.0, w, h]], device=image.device),
+                                      self.size))
+        return torch.cat(made)
+
     def apply(self, images, p):
         """The views of `images` (on any device) at parameters p (from sample()); each step runs on the images
         that take it, and only on those."""
-        device = images.device
-        x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
-        x = resized_crops(x, p["box"].to(device), self.size)
+        x = self.crops(images, p)
+        device = x.device
         x = torch.where(_per_image(p["flip"].to(device), x), x.flip(-1), x)
 
         def some(mask, step, *per_image):  # x[i] = step(x[i], *per_image[i]) for the images where mask is set
@@ -194,7 +231,7 @@ class BatchedView:
         return (x - self.mean.to(device)) / self.std.to(device)
 
     def __call__(self, images, generator):
-        return self.apply(images, self.sample(len(images), *images.shape[-2:], generator))
+        return self.apply(images, self.sample(len(images), generator))
 
 
 class BatchedViews:
@@ -208,7 +245,7 @@ class BatchedViews:
     def __call__(self, images, generator, rank=0, world_size=1):
         made = []
         for view in self.views:
-            p = view.sample(len(images) * world_size, *images.shape[-2:], generator)
+            p = view.sample(len(images) * world_size, generator)
             made.append(view.apply(images, {name: value[rank::world_size] for name, value in p.items()}))
         return made
 
@@ -271,9 +308,90 @@ class BatchedLoader:
             yield self.views(images, generator, self.rank, self.world_size), self.labels[index.to(self.device)]
 
 
+# ---- image folders: files read by loader workers, decoded a batch at a time on the device ----
+class EncodedImages(Dataset):
+    """A folder data set's items, by (epoch, index) keys as EpochSampler gives them, as (epoch, index, data,
+    label, is_jpeg): a JPEG's bytes (uint8, 1-d), to be decoded with the rest of its batch on the training device,
+    or any other file decoded here by PIL (uint8 (3, h, w)), as are files that cannot be read (the data set's
+    bad_images rule then applies, see common/data.py's ReadableImages)."""
+
+    def __init__(self, dataset):
+        self.dataset, base, self.index = dataset, dataset, None
+        if isinstance(dataset, Subset):
+            base, self.index = dataset.dataset, list(dataset.indices)
+        self.samples = base.samples
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, i = key
+        path, label = self.samples[i if self.index is None else self.index[i]]
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError:
+            data = b""
+        if data[:2] == b"\xff\xd8":  # a JPEG's start-of-image marker
+            return epoch, i, torch.frombuffer(bytearray(data), dtype=torch.uint8), label, True
+        image, label = self.dataset[i]
+        return epoch, i, pil_to_tensor(image.convert("RGB")), label, False
+
+
+class DecodingLoader:
+    """pretrain_loader's stand-in for `views: batched` on an image folder: the same global batches as the
+    DataLoader of `views: workers` (and as BatchedLoader), its files read by num_workers loader processes and
+    their JPEGs decoded a batch at a time on `device` (torchvision.io.decode_jpeg: on a GPU, nvJPEG), images of
+    any sizes; then the same batched views as BatchedLoader's, from the same per-(seed, epoch, batch)
+    generators. A JPEG the device's decoder rejects (a CMYK or broken file) is decoded by PIL instead."""
+
+    def __init__(self, dataset, views, cfg, rank, world_size, device):
+        self.files, self.views = EncodedImages(dataset), BatchedViews(views)
+        self.batch_size, self.rank, self.world_size, self.seed, self.device = (cfg.batch_size, rank, world_size,
+                                                                               cfg.seed, device)
+        self.sampler = EpochSampler(DistributedSampler(self.files, world_size, rank, shuffle=True, seed=cfg.seed,
+                                                       drop_last=True))
+        self.reader = DataLoader(self.files, cfg.batch_size, sampler=self.sampler, num_workers=cfg.num_workers,
+                                 collate_fn=list, persistent_workers=cfg.num_workers > 0, drop_last=True,
+                                 worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(cfg.seed))
+
+    def __len__(self):
+        return len(self.reader)
+
+    def decode(self, items):
+        """The images of a batch of EncodedImages items, on the device, and their labels."""
+        images, labels = [data for _, _, data, _, _ in items], [label for _, _, _, label, _ in items]
+        jpegs = [n for n, item in enumerate(items) if item[4]]
+        encoded = [images[n] for n in jpegs]
+        try:
+            decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device) if encoded else []
+        except RuntimeError:  # one of them the decoder cannot read: each on its own, PIL for those it rejects
+            decoded = []
+            for n, data in zip(jpegs, encoded):
+                try:
+                    decoded.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device))
+                except RuntimeError:
+                    image, labels[n] = self.files.dataset[items[n][1]]
+                    decoded.append(pil_to_tensor(image.convert("RGB")))
+        for n, image in zip(jpegs, decoded):
+            images[n] = image
+        images = [image.to(self.device, non_blocking=True) for image in images]
+        return images, torch.tensor(labels, dtype=torch.int64).to(self.device)
+
+    def __iter__(self):
+        first = self.sampler.skip // self.batch_size  # the number of the first global batch left
+        for k, items in enumerate(self.reader):
+            images, labels = self.decode(items)
+            generator = torch.Generator().manual_seed(batch_seed(self.seed, items[0][0], first + k))
+            yield self.views(images, generator, self.rank, self.world_size), labels
+
+
 def batched_loader(dataset, views, cfg, rank, world_size, device):
-    """A BatchedLoader of `dataset`, its images decoded once and kept on `device` (a GPU's memory when they take
-    under a quarter of it, else pinned host memory, copied a batch at a time)."""
+    """The loader of `views: batched`: for an image folder, a DecodingLoader (files decoded a batch at a time on
+    `device`); else a BatchedLoader of `dataset`, its images decoded once and kept on `device` (a GPU's memory
+    when they take under a quarter of it, else pinned host memory, copied a batch at a time)."""
+    if cfg.dataset == "folder":
+        return DecodingLoader(dataset, views, cfg, rank, world_size, device)
     images, labels = as_uint8(dataset)
     if device.type == "cuda" and images.numel() < torch.cuda.get_device_properties(device).total_memory // 4:
         images = images.to(device)

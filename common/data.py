@@ -196,8 +196,8 @@ def pretrain_loader(cfg, views, rank, world_size, device):
     it), each image turned into `views` (two views or multi-crop), and this rank's share of every global batch.
     Call loader.sampler.set_epoch(epoch) each epoch; loader.images is the data set. With views made per image
     (cfg.views, views_on_device) a DataLoader whose views' randomness is fixed by (seed, epoch, index); made a
-    batch at a time, a common/batched.py BatchedLoader (the same batches; randomness fixed by (seed, epoch,
-    global batch)).
+    batch at a time, a common/batched.py BatchedLoader, or DecodingLoader for an image folder (the same batches;
+    randomness fixed by (seed, epoch, global batch)).
 
     DistributedSampler's permutation depends on the seed and the epoch only, and rank r takes its items r, r + W,
     ...: global batch b is items [b * G, (b + 1) * G) of the permutation for any split of the global batch G over
@@ -230,9 +230,10 @@ IN_MEMORY = ("cifar10", "cifar100", "stl10", "synthetic")  # read into memory by
 
 
 def views_on_device(cfg):
-    """cfg.views: 'batched' (views made a batch at a time on the training device, common/batched.py; the images
-    decoded once and kept in memory), 'workers' (one image at a time in num_workers loader processes), or 'auto':
-    batched for the data sets whose readers hold them in memory, workers for image folders."""
+    """cfg.views: 'batched' (views made a batch at a time on the training device, common/batched.py: the images
+    decoded once and kept in memory, or an image folder's files decoded a batch at a time on the device), 'workers'
+    (one image at a time in num_workers loader processes), or 'auto': batched for the data sets whose readers
+    hold them in memory, workers for image folders."""
     if cfg.views not in VIEWS:
         raise UsageError(f"views must be {', '.join(VIEWS)}, got {cfg.views!r}")
     return cfg.views == "batched" or (cfg.views == "auto" and cfg.dataset in IN_MEMORY)

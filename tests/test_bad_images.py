@@ -96,18 +96,21 @@ def _run(tmp_path, tree, *extra):
                       timeout=120)
 
 
-def test_simclr_stops_on_a_bad_image_in_one_line(tmp_path, tree):
-    """The image is read in a DataLoader worker: one `error:` line, no worker traceback, and the run ends."""
-    result = _run(tmp_path, tree)
+@pytest.mark.parametrize("views", ["workers", "batched"])
+def test_simclr_stops_on_a_bad_image_in_one_line(tmp_path, tree, views):
+    """The image is read in a DataLoader worker (views: batched too, whose workers read the files and decode
+    those that are not JPEGs): one `error:` line, no worker traceback, and the run ends."""
+    result = _run(tmp_path, tree, "--views", views)
     assert_one_line_error(result, "cannot read image ")
     assert "Original Traceback" not in result.stderr and "--bad_images skip" in result.stderr
     assert "broken.png" in result.stderr or "truncated.png" in result.stderr
 
 
-def test_simclr_and_knn_eval_skip_bad_images_with_a_warning(tmp_path, tree):
+@pytest.mark.parametrize("views", ["workers", "batched"])
+def test_simclr_and_knn_eval_skip_bad_images_with_a_warning(tmp_path, tree, views):
     """A run with --bad_images skip trains; knn_eval.py on its checkpoint (the same folder) stops or skips too."""
     broken, truncated = tree / "train" / "a" / "broken.png", tree / "train" / "b" / "truncated.png"
-    result = _run(tmp_path, tree, "--bad_images", "skip")
+    result = _run(tmp_path, tree, "--bad_images", "skip", "--views", views)
     assert_ok(result)
     for path in (broken, truncated):
         assert f"warning: unreadable image {path} (" in result.stderr

@@ -13,9 +13,9 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 from common.augment import PRESETS, multi_crop, two_views
-from common.batched import (BatchedLoader, BatchedView, BatchedViews, adjust_brightness, adjust_contrast,
-                            adjust_hue, adjust_saturation, as_uint8, crop_boxes, gaussian_blur, resized_crops,
-                            solarize)
+from common.batched import (BatchedLoader, BatchedView, BatchedViews, DecodingLoader, adjust_brightness,
+                            adjust_contrast, adjust_hue, adjust_saturation, as_uint8, boxes_of, crop_boxes,
+                            gaussian_blur, resized_crops, solarize)
 from common.config import UsageError
 from common.data import MEAN_STD, pretrain_loader
 
@@ -65,7 +65,7 @@ def test_jitter_blur_and_coins_follow_the_per_image_pipeline():
     torch.manual_seed(0)
     spec = PRESETS["sym"][0]
     view = BatchedView(96, "folder", **spec, scale=(0.2, 1.0))
-    p = view.sample(DRAWS, 100, 100, torch.Generator().manual_seed(2))
+    p = view.sample(DRAWS, torch.Generator().manual_seed(2))
     jitter = T.ColorJitter(*spec["jitter"])
     theirs = [jitter.make_params([]) for _ in range(DRAWS)]
     names = ["brightness_factor", "contrast_factor", "saturation_factor", "hue_factor"]
@@ -82,7 +82,7 @@ def test_jitter_blur_and_coins_follow_the_per_image_pipeline():
     assert_same_rate(p["jitter"], 0.8)
     assert_same_rate(p["gray"], 0.2)
     assert_same_rate(p["blur"], spec["blur"])
-    asym = BatchedView(32, "cifar10", **PRESETS["asym"][1]).sample(DRAWS, 32, 32, torch.Generator().manual_seed(3))
+    asym = BatchedView(32, "cifar10", **PRESETS["asym"][1]).sample(DRAWS, torch.Generator().manual_seed(3))
     assert_same_rate(asym["solarize"], 0.2)
     assert not asym["blur"].any()  # no blur below 96 px (augment.view's rule)
 
@@ -116,14 +116,15 @@ def test_a_view_equals_torchvisions_steps_in_the_images_own_order():
     order of augment.view() and each image's jitter order."""
     images = torch.randint(0, 256, (16, 3, 112, 100), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     view = BatchedView(96, "folder", **PRESETS["asym"][1])  # every step on: blur (96 px) and solarisation
-    p = view.sample(16, 112, 100, torch.Generator().manual_seed(4))
+    p = view.sample(16, torch.Generator().manual_seed(4))
+    boxes = boxes_of(p, 112, 100, view.ratio)
     p["blur"][:8], p["solarize"][::2], p["jitter"][::3] = True, True, False  # both branches of each coin
     steps = [lambda im, f: TF.adjust_brightness(im, f), lambda im, f: TF.adjust_contrast(im, f),
              lambda im, f: TF.adjust_saturation(im, f), lambda im, f: TF.adjust_hue(im, f)]
     mean, std = MEAN_STD["folder"]
     expected = []
     for i in range(16):
-        left, top, w, h = (int(v) for v in p["box"][i])
+        left, top, w, h = (int(v) for v in boxes[i])
         im = TF.resized_crop(images[i].float() / 255, top, left, h, w, [96, 96], antialias=True)
         im = TF.horizontal_flip(im) if p["flip"][i] else im
         if p["jitter"][i]:
@@ -134,6 +135,26 @@ def test_a_view_equals_torchvisions_steps_in_the_images_own_order():
         im = TF.solarize(im, 128 / 255) if p["solarize"][i] else im
         expected.append(TF.normalize(im, mean, std))
     torch.testing.assert_close(view.apply(images, p), torch.stack(expected), atol=1e-4, rtol=0)
+
+
+def test_images_of_different_sizes_are_cropped_each_at_its_own_size():
+    """A list of images of any sizes (a batch of decoded files) gets the views each image would get alone at the
+    same parameters; each box follows the rule at that image's size."""
+    g = torch.Generator().manual_seed(0)
+    sizes = [(40, 30), (32, 32), (17, 60), (60, 17), (32, 32)]  # the last two: the fallback's narrow and wide cases
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g) for h, w in sizes]
+    view = BatchedView(24, "folder", **PRESETS["asym"][0], scale=(0.9, 1.0))
+    p = view.sample(len(images), torch.Generator().manual_seed(5))
+    heights, widths = (torch.tensor(side) for side in zip(*sizes))
+    boxes = boxes_of(p, heights, widths, view.ratio)
+    made = view.apply(images, p)
+    for i, (h, w) in enumerate(sizes):
+        one = {name: value[i:i + 1] for name, value in p.items()}
+        assert torch.equal(boxes[i:i + 1], boxes_of(one, h, w, view.ratio))
+        torch.testing.assert_close(made[i:i + 1], view.apply(images[i][None], one), atol=1e-5, rtol=0)
+    assert (boxes[:, 0] + boxes[:, 2] <= widths).all() and (boxes[:, 1] + boxes[:, 3] <= heights).all()
+    same, rows = [images[1], images[4]], {name: value[[1, 4]] for name, value in p.items()}
+    torch.testing.assert_close(view.apply(same, rows), made[[1, 4]], atol=1e-5, rtol=0)  # one size: one tensor
 
 
 def test_views_come_from_the_generator_alone():
@@ -168,17 +189,30 @@ def _loader_cfg(**changes):
                                      seed=3, bad_images="stop", num_workers=0, views="batched"), **changes})
 
 
-def test_batched_loader_gives_the_same_global_batches_on_any_number_of_ranks():
+def _jpeg_folder(root, n=70, size=(8, 8)):
+    """n noise JPEGs of one size in two class folders (an ImageFolder tree)."""
+    g = np.random.default_rng(0)
+    for i in range(n):
+        (root / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(g.integers(0, 256, (*size, 3), dtype=np.uint8)).save(root / f"c{i % 2}" / f"{i:03d}.jpg")
+    return root
+
+
+@pytest.mark.parametrize("source", ["synthetic", "folder"])
+def test_batched_loader_gives_the_same_global_batches_on_any_number_of_ranks(source, tmp_path):
     """The views of global batch b, and its images' labels, are the same for 2 ranks x 16 and 1 rank x 32, and a
     mid-epoch resume (set_epoch with skip) gives exactly the rest of the epoch: DDP equivalence and exact resume
-    need no generator state."""
+    need no generator state. An image folder's files are decoded a batch at a time (DecodingLoader), with a
+    loader worker on one rank."""
     views = two_views("sym", 8, "synthetic")
+    changes = dict(dataset="folder", data_dir=str(_jpeg_folder(tmp_path))) if source == "folder" else {}
 
     def batches(batch_size, world_size, epoch, done=0):
         per_rank = []
         for rank in range(world_size):
-            loader = pretrain_loader(_loader_cfg(batch_size=batch_size), views, rank, world_size, torch.device("cpu"))
-            assert isinstance(loader, BatchedLoader)
+            cfg = _loader_cfg(batch_size=batch_size, num_workers=int(source == "folder" and rank == 1), **changes)
+            loader = pretrain_loader(cfg, views, rank, world_size, torch.device("cpu"))
+            assert isinstance(loader, DecodingLoader if source == "folder" else BatchedLoader)
             loader.sampler.set_epoch(epoch, skip=done * batch_size)
             per_rank.append(list(loader))
             assert len(loader) == len(per_rank[-1])
@@ -198,6 +232,46 @@ def test_batched_loader_gives_the_same_global_batches_on_any_number_of_ranks():
     assert not torch.equal(batches(32, 1, 0)[0][0][0], batches(32, 1, 1)[0][0][0])  # new views every epoch
     first = batches(32, 1, 0)[0][0]
     assert not torch.equal(first[0], first[1])  # the two views of an image differ
+
+
+def test_a_folders_batches_decoded_on_the_device_are_the_in_memory_batches(tmp_path):
+    """For images of one size, decoding each batch's files (DecodingLoader, what a GPU does with nvJPEG) gives
+    the views and labels of holding the decoded images in memory (BatchedLoader): the same batches, the same
+    parameters, the same pixels (torchvision's and PIL's CPU JPEG decoders agree)."""
+    cfg = _loader_cfg(dataset="folder", data_dir=str(_jpeg_folder(tmp_path, 20, (12, 10))), batch_size=8)
+    views = multi_crop("sym", "folder", 8, 4, 2)
+    decoding = pretrain_loader(cfg, views, 0, 1, torch.device("cpu"))
+    images, labels = as_uint8(decoding.images)
+    in_memory = BatchedLoader(images, labels, views, 8, 0, 1, cfg.seed, torch.device("cpu"))
+    for loader in (decoding, in_memory):
+        loader.sampler.set_epoch(2)
+    for (made, labels), (expected, expected_labels) in zip(decoding, in_memory):
+        assert torch.equal(labels, expected_labels) and [v.shape[-1] for v in made] == [8, 8, 4, 4]
+        for a, b in zip(made, expected):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_a_folder_of_any_sizes_and_formats_and_its_bad_files(tmp_path, capsys):
+    """DecodingLoader takes images of any sizes, JPEG or not; a file the JPEG decoder rejects goes to PIL, so the
+    folder's bad_images rule names it (stop) or replaces it by the next image (skip)."""
+    g = np.random.default_rng(1)
+    for i, (h, w) in enumerate([(32, 32), (20, 44), (50, 30), (32, 32), (9, 70), (64, 48)]):
+        (tmp_path / f"c{i % 2}").mkdir(exist_ok=True)
+        Image.fromarray(g.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
+            tmp_path / f"c{i % 2}" / (f"{i}.png" if i == 2 else f"{i}.jpg"))
+    (tmp_path / "c1" / "5.jpg").write_bytes(b"\xff\xd8" + bytes(100))  # a JPEG's marker, then nothing usable
+    cfg = _loader_cfg(dataset="folder", data_dir=str(tmp_path), subset=0, batch_size=6, bad_images="skip")
+    loader = pretrain_loader(cfg, two_views("sym", 16, "folder"), 0, 1, torch.device("cpu"))
+    loader.sampler.set_epoch(0)
+    (made, labels), = list(loader)
+    assert [tuple(v.shape) for v in made] == [(6, 3, 16, 16)] * 2 and all(v.isfinite().all() for v in made)
+    assert sorted(labels.tolist()) == [0, 0, 0, 0, 1, 1]  # 5.jpg replaced by the next image, 0.jpg (class 0)
+    assert "unreadable image" in capsys.readouterr().err
+    with pytest.raises(UsageError, match=r"cannot read image .*5\.jpg"):
+        loader = pretrain_loader(_loader_cfg(**{**vars(cfg), "bad_images": "stop"}), two_views("sym", 16, "folder"),
+                                 0, 1, torch.device("cpu"))
+        loader.sampler.set_epoch(0)
+        list(loader)
 
 
 class _ArrayData(torch.utils.data.Dataset):
@@ -228,16 +302,16 @@ def test_images_are_read_into_memory_from_the_readers_arrays_or_decoded(channels
     assert torch.equal(images, data.pixels[[7, 2, 5]]) and labels.tolist() == [7, 2, 5]
 
 
-def test_batched_views_of_a_folder_need_one_image_size(tmp_path):
-    for i, size in enumerate([(32, 32), (32, 32), (40, 30)]):
-        Image.new("RGB", size, (i * 50, 0, 0)).save(tmp_path / f"{i}.png")
-    cfg = _loader_cfg(dataset="folder", data_dir=str(tmp_path), subset=0, batch_size=2)
+def test_views_choice_and_one_image_size_in_memory(tmp_path):
+    """`views: auto` is batched for the readers that hold images in memory and workers for folders; images held
+    in memory as one array need one size, a clear error otherwise."""
+    _jpeg_folder(tmp_path, 4)
+    cfg = _loader_cfg(dataset="folder", data_dir=str(tmp_path), subset=0, batch_size=2, views="auto")
+    assert isinstance(pretrain_loader(cfg, two_views("sym", 8, "folder"), 0, 1, torch.device("cpu")),
+                      torch.utils.data.DataLoader)
+    mixed = [(TF.to_pil_image(torch.zeros(3, h, 8, dtype=torch.uint8)), 0) for h in (8, 8, 9)]
     with pytest.raises(UsageError, match=r"needs one image size; found .*use --views workers"):
-        pretrain_loader(cfg, two_views("sym", 32, "folder"), 0, 1, torch.device("cpu"))
-    (tmp_path / "2.png").unlink()
-    assert isinstance(pretrain_loader(cfg, two_views("sym", 32, "folder"), 0, 1, torch.device("cpu")), BatchedLoader)
-    assert not isinstance(pretrain_loader(_loader_cfg(**{**vars(cfg), "views": "auto"}), two_views("sym", 32, "folder"),
-                                          0, 1, torch.device("cpu")), BatchedLoader)  # auto: workers for folders
+        as_uint8(mixed)
     with pytest.raises(UsageError, match="views must be auto, batched, workers, got 'gpu'"):
         pretrain_loader(_loader_cfg(views="gpu", batch_size=2), two_views("sym", 8, "synthetic"), 0, 1,
                         torch.device("cpu"))
