@@ -461,6 +461,7 @@ def train(cfg):
                   **{"train/images_per_s": global_batch * len(loader) / (time.time() - tic)})
         checkpointer.save(step)  # before the kNN check: after a stop signal, it exits (status 75) at once
         knn_monitor.after_epoch(epoch + 1, step, model.backbone, log)
+    log.report_paths()  # where the checkpoints and metrics are, and how to plot them
     close_distributed()
 
 

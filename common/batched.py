@@ -363,6 +363,10 @@ class DecodingLoader:
         images, labels = [data for _, _, data, _, _ in items], [label for _, _, _, label, _ in items]
         jpegs = [n for n, item in enumerate(items) if item[4]]
         encoded = [images[n] for n in jpegs]
+        if encoded and self.device.type == "cuda":
+            # nvJPEG's hardware decoder does not wait for the work queued on the caller's stream, so it can write
+            # into freed memory that queued kernels still read (pytorch/vision#9606): let that work finish first
+            torch.cuda.current_stream(self.device).synchronize()
         try:
             decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device) if encoded else []
         except RuntimeError:  # one of them the decoder cannot read: each on its own, PIL for those it rejects

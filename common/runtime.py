@@ -520,6 +520,14 @@ class MetricLog:
                                  "resume.") from None
 
 
+    def report_paths(self):
+        """At the end of a run (main rank): where its checkpoints and metrics are, and the command to plot them."""
+        if self.path:
+            folder = os.path.dirname(self.path)
+            print(f"done: checkpoints in {folder} (last.pt is the newest), metrics in {self.path}; plot them with "
+                  f"python tools/plot_metrics.py {folder}", flush=True)
+
+
 class StepMetrics:
     """Per-step scalars of the training loop (the loss, the gradient norm, a collapse monitor), kept on the
     device: the loop never reads a value back, which on a GPU would stall its launch queue every step (fp16's

@@ -112,6 +112,7 @@ def test_simclr_and_knn_eval_skip_bad_images_with_a_warning(tmp_path, tree, view
     broken, truncated = tree / "train" / "a" / "broken.png", tree / "train" / "b" / "truncated.png"
     result = _run(tmp_path, tree, "--bad_images", "skip", "--views", views)
     assert_ok(result)
+    assert f"plot them with python tools/plot_metrics.py {tmp_path / 'run'}" in result.stdout  # the run's last line
     for path in (broken, truncated):
         assert f"warning: unreadable image {path} (" in result.stderr
     knn = ["knn_eval.py", "--checkpoint", tmp_path / "run" / "last.pt", "--num_workers", "2",

@@ -1,0 +1,43 @@
+"""tools/plot_metrics.py: one PNG of a real run's curves; resumed logs, several runs, and its errors."""
+import json
+
+from helpers import assert_ok, assert_one_line_error, run_script
+from tools.plot_metrics import panel_order, read_metrics
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_real_runs_curves_make_one_png(trained, tmp_path):
+    """DINO's shared 2-epoch run (the kNN monitor on at epoch 2): its loss, lr, schedules, collapse signals and
+    kNN accuracy each get a panel, and the PNG is written where the run's folder is, or where --out says."""
+    run = trained["dino"]
+    keys = panel_order(read_metrics(run))
+    assert keys[:2] == ["train/loss", "train/lr"] and keys[-1] == "eval/knn_top1"
+    assert {"schedule/tau", "schedule/teacher_temperature", "train/teacher_entropy", "train/kl"} <= set(keys)
+    result = run_script(["tools/plot_metrics.py", run, "--out", tmp_path / "dino.png"])
+    assert_ok(result)
+    data = (tmp_path / "dino.png").read_bytes()
+    assert data.startswith(PNG) and len(data) > 20_000  # a figure with curves, not an empty canvas
+    result = run_script(["tools/plot_metrics.py", run / "metrics.jsonl", trained["simclr"], "--out",
+                         tmp_path / "both.png"])
+    assert_ok(result)
+    assert (tmp_path / "both.png").read_bytes().startswith(PNG)
+
+
+def test_a_resumed_log_keeps_the_later_value_of_a_step(tmp_path):
+    lines = [{"event": "config", "lr": 0.1}, {"step": 10, "epoch": 1, "train/loss": 5.0},
+             {"step": 20, "epoch": 1, "train/loss": 4.0}, {"step": 10, "epoch": 1, "train/loss": 4.5},
+             {"step": 20, "epoch": 1, "train/loss": 3.9, "train/epoch_loss": 4.2}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines) + '{"step": 3')
+    assert read_metrics(tmp_path) == {"train/loss": ([10, 20], [4.5, 3.9])}  # the torn last line is ignored
+
+
+def test_errors_are_one_line(tmp_path):
+    assert_one_line_error(run_script(["tools/plot_metrics.py", tmp_path / "none"]), "no metrics.jsonl at")
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"event": "config"}) + "\n")
+    assert_one_line_error(run_script(["tools/plot_metrics.py", tmp_path]), "holds no metrics yet")
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "train/loss": 1.0}) + "\n")
+    no_matplotlib = ("import runpy, sys; sys.modules['matplotlib'] = None; "
+                     f"sys.argv = ['plot_metrics.py', {str(tmp_path)!r}]; "
+                     "runpy.run_path('tools/plot_metrics.py', run_name='__main__')")
+    assert_one_line_error(run_script(["-c", no_matplotlib]), "plotting needs matplotlib")
