@@ -1,0 +1,152 @@
+"""Full-length reproductions on GPU machines: every method's recipe in configs/, then knn_eval.py and
+linear_eval.py on its last checkpoint, then a table of each measured number beside the published one.
+
+    python scripts/reproduce.py cifar10|imagenet [--gpus N] [--data DIR] [--out DIR] [--dry-run] [NAME ...]
+
+(scripts/reproduce_cifar10.sh and scripts/reproduce_imagenet.sh call it.) Each run keeps its recipe's global
+batch: the per-GPU batch is the global batch / N. Run the same command again after an interruption: a
+pre-training run resumes (resume: auto) and the evaluations already written are kept. --dry-run prints every
+command and runs none; `--report` prints the table of what is there so far.
+
+Targets (../shared/reference/methods.md and the configs' headers): CIFAR-10, solo-learn's ONLINE linear probe
+after 1000 epochs (our probe is offline: 100 epochs of SGD on the frozen trunk, with crops and flips) and
+lightly's kNN (k 200, T 0.1, 800 epochs at batch 512: a different recipe, shown for scale). ImageNet, each
+paper's linear top-1 at the epochs the config runs, measured with the linear protocol of its official code
+where linear_eval.py can express it (LINEAR below), and DINO's k-NN (k 20, T 0.07).
+"""
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Run:
+    name: str  # the run's folder under --out
+    config: str  # configs/<config>.yaml
+    global_batch: int  # the recipe's images per step over all GPUs
+    linear: float  # the published linear top-1 (%), or None
+    knn: float = None  # the published kNN top-1 (%), or None
+    source: str = ""  # where the target comes from
+    pretrain: list = field(default_factory=list)  # extra pre-training flags
+    probe: list = field(default_factory=list)  # linear_eval.py flags (its protocol), beside --batch_size
+
+    @property
+    def script(self):
+        return self.config.split("_")[0] + ".py"
+
+
+SOLO = "solo-learn online linear, 1000 ep; lightly kNN, 800 ep"
+CIFAR10 = [
+    Run("simclr", "simclr", 256, 90.74, 87.9, SOLO),
+    Run("moco_v2", "moco_v2", 256, 92.94, 89.9, SOLO),
+    Run("moco_v3", "moco_v3", 256, 93.10, None, SOLO),
+    Run("simsiam", "simsiam", 256, 90.51, 90.4, SOLO),
+    Run("byol", "byol", 256, 92.58, 91.0, SOLO),
+    Run("barlow", "barlow", 256, 92.10, 85.9, SOLO),
+    Run("swav", "swav", 256, 89.17, 88.4, SOLO),
+    Run("dino", "dino", 256, 89.52, 84.8, SOLO),
+    Run("nnclr", "nnclr", 256, 91.88, 89.2, SOLO),
+    Run("supcon", "supcon", 256, 93.82, None, SOLO + " (uses the labels)"),
+    Run("relic", "relic", 256, None, None, "no published CIFAR recipe"),
+]
+MOCO_PROBE = ["--lr", "30", "--epochs", "100"]  # facebookresearch/moco main_lincls.py: lr 30, batch 256, no wd
+IMAGENET = [
+    Run("moco_v1", "moco_v1_imagenet", 256, 60.6, None, "MoCo v1 paper, 200 ep", probe=MOCO_PROBE),
+    Run("moco_v2", "moco_v2_imagenet", 256, 67.5, None, "MoCo v2 paper, 200 ep", probe=MOCO_PROBE),
+    Run("moco_v3", "moco_v3_imagenet", 4096, 68.9, None, "moco-v3 CONFIG.md, R50 100 ep"),
+    Run("moco_v3_vit", "moco_v3_vit_imagenet", 4096, 73.2, None, "MoCo v3 paper, ViT-S 300 ep"),
+    Run("simclr", "simclr_imagenet", 4096, 69.3, None, "SimCLR paper, 1000 ep", pretrain=["--epochs", "1000"]),
+    Run("simsiam", "simsiam_imagenet", 512, 68.1, None, "SimSiam paper Table 4, 100 ep"),
+    Run("byol", "byol_imagenet", 4096, 74.3, None, "BYOL paper, 1000 ep"),
+    Run("barlow", "barlow_imagenet", 2048, 73.2, None, "Barlow Twins paper, 1000 ep"),
+    Run("swav", "swav_imagenet", 256, 72.7, None, "swav_200ep_bs256_pretrain.sh, 200 ep"),
+    Run("dino", "dino_imagenet", 512, 74.0, 69.3, "dino README, ViT-S/16 100 ep"),
+    Run("nnclr", "nnclr_imagenet", 4096, 75.6, None, "NNCLR paper, 1000 ep"),
+    Run("relic", "relic_imagenet", 4096, 70.3, None, "ReLIC paper, 1000 ep"),
+    Run("supcon", "supcon_imagenet", 6144, 77.9, None, "SupCon paper Supp. Table 9 (SimAugment), 350 ep"),
+]
+SUITES = {"cifar10": (CIFAR10, ["--download", "true"], ["--k", "200", "--temperature", "0.1"], 256),
+          "imagenet": (IMAGENET, [], ["--k", "20", "--temperature", "0.07"], 256)}
+
+
+def commands(suite, run, gpus, data, out):
+    """(what, command, the JSON it writes or None) for the pre-training, kNN and linear probe of one run."""
+    _, pretrain_flags, knn_flags, probe_batch = SUITES[suite]
+    if run.global_batch % gpus:
+        raise SystemExit(f"error: {run.name}'s global batch {run.global_batch} does not split over {gpus} GPUs; "
+                         "pick --gpus that divides it")
+    launch = ["torchrun", f"--nproc_per_node={gpus}"] if gpus > 1 else [sys.executable]
+    folder = os.path.join(out, run.name)
+    checkpoint = os.path.join(folder, "last.pt")
+    probe = [*run.probe, "--batch_size", str(max(1, probe_batch // gpus))]
+    return [("pre-train", [*launch, run.script, "--config", f"configs/{run.config}.yaml", "--data_dir", data,
+                           "--out_dir", folder, "--batch_size", str(run.global_batch // gpus), *pretrain_flags,
+                           *run.pretrain], None),
+            ("kNN", [*launch, "knn_eval.py", "--checkpoint", checkpoint, *knn_flags, "--out",
+                     os.path.join(folder, "knn.json")], os.path.join(folder, "knn.json")),
+            ("linear", [*launch, "linear_eval.py", "--checkpoint", checkpoint, *probe, "--out",
+                        os.path.join(folder, "linear.json")], os.path.join(folder, "linear.json"))]
+
+
+def top1(path):
+    try:
+        with open(path) as f:
+            return f"{json.load(f)['top1']:.2f}"
+    except (OSError, ValueError, KeyError):
+        return "-"
+
+
+def report(suite, runs, out):
+    print(f"\n{suite}: measured (this reproduction) beside published, top-1 %")
+    print("| run | linear | published | kNN | published kNN | source |")
+    print("|---|---|---|---|---|---|")
+    for run in runs:
+        folder = os.path.join(out, run.name)
+        published = [f"{v:.2f}" if v is not None else "-" for v in (run.linear, run.knn)]
+        print(f"| {run.name} | {top1(os.path.join(folder, 'linear.json'))} | {published[0]} | "
+              f"{top1(os.path.join(folder, 'knn.json'))} | {published[1]} | {run.source} |")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Full-length reproductions of every method (GPU machines).")
+    parser.add_argument("suite", choices=sorted(SUITES))
+    parser.add_argument("names", nargs="*", help="runs to do (default: all)")
+    parser.add_argument("--gpus", type=int, default=1, help="GPUs of this machine (torchrun when > 1)")
+    parser.add_argument("--data", default=None, help="data set root (default: data for cifar10; required "
+                                                     "for imagenet: an ImageFolder tree with train/ and val/)")
+    parser.add_argument("--out", default=None, help="runs' folder (default: runs/reproduce_<suite>)")
+    parser.add_argument("--dry-run", action="store_true", help="print every command, run none")
+    parser.add_argument("--report", action="store_true", help="print the table of the results so far, run none")
+    args = parser.parse_intermixed_args(argv)
+    runs = SUITES[args.suite][0]
+    unknown = sorted(set(args.names) - {run.name for run in runs})
+    if unknown:
+        raise SystemExit(f"error: no run named {', '.join(unknown)} in {args.suite}; choose from "
+                         f"{', '.join(run.name for run in runs)}")
+    if args.gpus < 1:
+        raise SystemExit(f"error: --gpus must be at least 1, got {args.gpus}")
+    data = args.data or ("data" if args.suite == "cifar10" else None)
+    if data is None and not (args.dry_run or args.report):
+        raise SystemExit("error: imagenet needs --data DIR (an ImageFolder tree with train/ and val/)")
+    out = args.out or f"runs/reproduce_{args.suite}"
+    selected = [run for run in runs if not args.names or run.name in args.names]
+    if not args.report:
+        for run in selected:
+            for what, command, writes in commands(args.suite, run, args.gpus, data or "/path/to/imagenet", out):
+                print(f"# {run.name}: {what}\n{shlex.join(command)}", flush=True)
+                if args.dry_run or (writes and os.path.exists(writes)):
+                    continue
+                if subprocess.run(command).returncode != 0:
+                    raise SystemExit(f"error: {run.name}'s {what} failed (above); run the same command again to "
+                                     "resume it")
+    if not args.dry_run:
+        report(args.suite, selected, out)
+
+
+if __name__ == "__main__":
+    os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    main()

@@ -1,0 +1,59 @@
+"""scripts/reproduce_cifar10.sh and reproduce_imagenet.sh cannot run here (days of GPUs): their --dry-run prints
+every command, and each command's settings are checked as its script would read them (config file, flags)."""
+import importlib
+import re
+import shlex
+import subprocess
+
+import pytest
+
+from common.config import load_config
+from helpers import REPO, assert_one_line_error, run_script
+
+METHODS = {"simclr", "moco", "simsiam", "byol", "barlow", "swav", "dino", "nnclr", "relic", "supcon"}
+
+
+def dry_run(suite, *args):
+    result = subprocess.run(["bash", f"scripts/reproduce_{suite}.sh", "--dry-run", *args], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return [shlex.split(line) for line in result.stdout.splitlines() if line and not line.startswith("#")]
+
+
+@pytest.mark.parametrize("suite, gpus", [("cifar10", 1), ("cifar10", 4), ("imagenet", 8)])
+def test_every_method_pretrains_then_is_evaluated_with_valid_settings(suite, gpus):
+    commands = dry_run(suite, "--gpus", str(gpus))
+    scripts = {}
+    for command in commands:
+        if gpus > 1:
+            assert command[:2] == ["torchrun", f"--nproc_per_node={gpus}"]
+        script = next(part for part in command if part.endswith(".py"))
+        args = command[command.index(script) + 1:]
+        cfg = load_config(importlib.import_module(script[:-3]).Config, args)  # the script's own parsing
+        scripts.setdefault(script[:-3], []).append(cfg)
+        if script[:-3] in METHODS:
+            header = (REPO / args[args.index("--config") + 1]).read_text()
+            stated = re.search(r"per rank: (\d+) x (\d+) GPUs = (\d+)", header)
+            recipe_batch = int(stated.group(3)) if stated else 256  # CIFAR recipes: 256 on one GPU
+            assert cfg.batch_size * gpus == recipe_batch, (script, args)  # the recipe's global batch kept
+            assert cfg.epochs >= 100 and cfg.out_dir.startswith(f"runs/reproduce_{suite}/")
+    assert METHODS <= set(scripts)  # every method, then a kNN and a linear probe of each run
+    assert len(scripts["knn_eval"]) == len(scripts["linear_eval"]) == len(commands) // 3
+    moco_probe = [cfg for cfg in scripts["linear_eval"] if "moco_v1" in cfg.checkpoint]
+    assert suite == "cifar10" or moco_probe[0].lr == 30  # MoCo's official linear protocol
+
+
+def test_bad_requests_are_one_line_errors():
+    assert_one_line_error(run_script(["scripts/reproduce.py", "cifar10", "--dry-run", "nosuch"]),
+                          "no run named nosuch in cifar10")
+    assert_one_line_error(run_script(["scripts/reproduce.py", "cifar10", "--dry-run", "--gpus", "3"]),
+                          "does not split over 3 GPUs")
+    assert_one_line_error(run_script(["scripts/reproduce.py", "imagenet", "simclr"]), "imagenet needs --data")
+
+
+def test_the_report_reads_the_evaluations_written_so_far(tmp_path):
+    (tmp_path / "swav").mkdir()
+    (tmp_path / "swav" / "knn.json").write_text('{"top1": 81.234}')
+    result = run_script(["scripts/reproduce.py", "cifar10", "--report", "--out", tmp_path, "swav", "dino"])
+    assert result.returncode == 0, result.stderr
+    assert "| swav | - | 89.17 | 81.23 | 88.40 |" in result.stdout and "| dino | - | 89.52 | - | 84.80 |" in result.stdout
