@@ -10,8 +10,10 @@ line each step writes; images/s is the median over the steps after --warmup_step
              that repeats it): the limit of this machine for the method
   batched    end to end, views made a batch at a time on the device (--views batched)
   workers    end to end, views made per image in --num_workers loader processes (--views workers)
-Prints a markdown table (and --json FILE writes the numbers) with each end-to-end rate's share of the model's,
-then the views one CPU thread makes per second on each path (SimCLR's two views, SwAV's multi-crop).
+Prints a markdown table (--json FILE also writes the numbers, --markdown FILE the tables with the date and the
+command, e.g. docs/benchmarks.md) with each end-to-end rate's share of the model's and the peak memory of the
+training process (RSS on a CPU, max allocated on a GPU), then the views one CPU thread makes per second on each
+path (SimCLR's two views, SwAV's multi-crop). --methods all: every method script.
 A benchmark, not a test: nothing asserts a speed. Settings by default: ResNet-18 with the ImageNet stem at
 32 px, batch 256, bf16 (the setting of methods.md's CPU measurements)."""
 import argparse
@@ -26,6 +28,7 @@ import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ("model", "batched", "workers")
+METHODS = ("simclr", "moco", "simsiam", "byol", "barlow", "swav", "dino", "nnclr", "relic", "supcon")
 
 
 class RepeatedBatch:
@@ -66,6 +69,12 @@ def run_one(method, mode, script_args):
 
         module.pretrain_loader = repeated
     module.train(cfg)
+    import resource
+    peak = {"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux: KiB
+    if torch.cuda.is_available():
+        peak["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
+    with open(os.path.join(cfg.out_dir, "peak_memory.json"), "w") as f:
+        json.dump(peak, f)
 
 
 def view_rates(dataset, data_dir, image_size, images=256, repeats=3):
@@ -123,7 +132,7 @@ def main():
     if sys.argv[1:2] == ["--one"]:  # a child run: --one METHOD MODE, then the script's own arguments
         return run_one(sys.argv[2], sys.argv[3], sys.argv[4:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", nargs="+", default=["simclr"])
+    parser.add_argument("--methods", nargs="+", default=["simclr"], help="method scripts, or all")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--dataset", default="synthetic")
     parser.add_argument("--data_dir", default="")
@@ -137,7 +146,11 @@ def main():
     parser.add_argument("--repeats", type=int, default=3, help="runs of each method and mode; the best counts")
     parser.add_argument("--warmup_steps", type=int, default=3)
     parser.add_argument("--json", default="", help="also write the numbers to this file")
+    parser.add_argument("--markdown", default="", help="also write the tables, the machine, the date and this "
+                                                       "command to this file (e.g. docs/benchmarks.md)")
     args = parser.parse_args()
+    if args.methods == ["all"]:
+        args.methods = list(METHODS)
 
     steps = args.steps + args.warmup_steps
     images = steps * args.batch_size if args.dataset != "synthetic" else min(1024, steps * args.batch_size)
@@ -160,6 +173,10 @@ def main():
                 raise SystemExit(f"error: {method} ({mode}) failed:\n{done.stderr[-2000:]}")
             rate = round(images_per_s(out_dir, args.batch_size, args.warmup_steps), 1)
             row[mode] = max(row.get(mode, 0.0), rate)
+            with open(os.path.join(out_dir, "peak_memory.json")) as f:
+                peak = json.load(f)  # the training process's (loader workers have their own)
+            key = "cuda_max_allocated_mb" if "cuda_max_allocated_mb" in peak else "rss_mb"
+            row[f"{mode}_peak_mb"] = max(row.get(f"{mode}_peak_mb", 0), round(peak[key]))
             print(json.dumps({"repeat": repeat + 1, "method": method, "mode": mode, "images_per_s": rate}),
                   flush=True)
     results = list(rows.values())
@@ -168,20 +185,32 @@ def main():
     machine = f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}"
     if torch.cuda.is_available():
         machine = f"{torch.cuda.get_device_name()}; {machine}"
-    print(f"\n{args.arch} at {args.image_size} px, batch {args.batch_size}, {args.precision}, {args.dataset}, "
-          f"{args.num_workers} loader workers; {machine}\n")
-    print("| method | " + " | ".join(f"{m} (images/s)" for m in args.modes) + " | batched / model | workers / model |")
-    print("|---|" + "---|" * (len(args.modes) + 2))
+    memory = "max allocated on the GPU" if torch.cuda.is_available() else "peak RSS of the training process"
+    lines = [f"{args.arch} at {args.image_size} px, batch {args.batch_size}, {args.precision}, {args.dataset}, "
+             f"{args.num_workers} loader workers; {machine}; best of {args.repeats}", "",
+             "| method | " + " | ".join(f"{m} (images/s)" for m in args.modes)
+             + f" | batched / model | workers / model | memory, end to end (MB, {memory}) |",
+             "|---|" + "---|" * (len(args.modes) + 3)]
     for row in results:
         shares = [f"{row[m] / row['model']:.0%}" if "model" in row and m in row else "-"
                   for m in ("batched", "workers")]
-        print(f"| {row['method']} | " + " | ".join(str(row[m]) for m in args.modes) + " | " + " | ".join(shares)
-              + " |")
+        peak = next((str(row[f"{m}_peak_mb"]) for m in ("batched", "workers", "model") if f"{m}_peak_mb" in row), "-")
+        lines.append(f"| {row['method']} | " + " | ".join(str(row[m]) for m in args.modes) + " | "
+                     + " | ".join(shares) + f" | {peak} |")
     views = view_rates(args.dataset, args.data_dir, args.image_size)
-    print(f"\nViews made by one thread, {args.image_size}-px images of {args.dataset}:\n")
-    print("| views | per image (views/s) | a batch at a time (views/s) |\n|---|---|---|")
-    for name, per_image, at_once in views:
-        print(f"| {name} | {per_image} | {at_once} |")
+    lines += ["", f"Views made by one thread, {args.image_size}-px images of {args.dataset}:", "",
+              "| views | per image (views/s) | a batch at a time (views/s) |", "|---|---|---|"]
+    lines += [f"| {name} | {per_image} | {at_once} |" for name, per_image, at_once in views]
+    print("\n" + "\n".join(lines))
+    if args.markdown:
+        import datetime
+        command = "python bench/throughput.py " + " ".join(sys.argv[1:])
+        with open(args.markdown, "w") as f:
+            f.write(f"# Throughput and memory\n\nMeasured {datetime.date.today()} by `{command}`.\n"
+                    "Images/s: the median step rate after the warm-up steps, the best of the repeats; model: "
+                    "every step on one batch of views made before the run (the limit of this machine for the "
+                    "method); batched / workers: end to end with each view path (README, Views).\n\n"
+                    + "\n".join(lines) + "\n")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"settings": vars(args), "machine": machine, "results": results, "views_per_s_one_thread":

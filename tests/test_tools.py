@@ -1,4 +1,5 @@
-"""tools/plot_metrics.py: one PNG of a real run's curves; resumed logs, several runs, and its errors."""
+"""tools/plot_metrics.py: one PNG of a real run's curves; resumed logs, several runs, and its errors.
+bench/throughput.py: a tiny run writes its tables (a benchmark, so nothing here asserts a speed)."""
 import json
 
 from helpers import assert_ok, assert_one_line_error, run_script
@@ -41,3 +42,14 @@ def test_errors_are_one_line(tmp_path):
                      f"sys.argv = ['plot_metrics.py', {str(tmp_path)!r}]; "
                      "runpy.run_path('tools/plot_metrics.py', run_name='__main__')")
     assert_one_line_error(run_script(["-c", no_matplotlib]), "plotting needs matplotlib")
+
+
+def test_the_benchmark_writes_its_tables(tmp_path):
+    result = run_script(["bench/throughput.py", "--methods", "simclr", "--modes", "model", "batched", "--steps", "3",
+                         "--warmup_steps", "1", "--repeats", "1", "--batch_size", "16", "--json", tmp_path / "b.json",
+                         "--markdown", tmp_path / "b.md"], timeout=600)
+    assert_ok(result)
+    row, = json.loads((tmp_path / "b.json").read_text())["results"]
+    assert row["model"] > 0 and row["batched"] > 0 and row["model_peak_mb"] > 100  # torch alone takes more
+    text = (tmp_path / "b.md").read_text()
+    assert "python bench/throughput.py --methods simclr" in text and "| simclr | " in text and "peak RSS" in text
