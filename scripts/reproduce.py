@@ -12,7 +12,7 @@ Targets (../shared/reference/methods.md and the configs' headers): CIFAR-10, sol
 after 1000 epochs (our probe is offline: 100 epochs of SGD on the frozen trunk, with crops and flips) and
 lightly's kNN (k 200, T 0.1, 800 epochs at batch 512: a different recipe, shown for scale). ImageNet, each
 paper's linear top-1 at the epochs the config runs, measured with the linear protocol of its official code
-where linear_eval.py can express it (LINEAR below), and DINO's k-NN (k 20, T 0.07).
+where linear_eval.py can express it (the comment above IMAGENET), and DINO's k-NN (k 20, T 0.07).
 """
 import argparse
 import json
@@ -32,7 +32,8 @@ class Run:
     knn: float = None  # the published kNN top-1 (%), or None
     source: str = ""  # where the target comes from
     pretrain: list = field(default_factory=list)  # extra pre-training flags
-    probe: list = field(default_factory=list)  # linear_eval.py flags (its protocol), beside --batch_size
+    probe: list = field(default_factory=list)  # linear_eval.py flags (the official protocol), beside its batch
+    probe_batch: int = 256  # the linear probe's global batch
 
     @property
     def script(self):
@@ -53,36 +54,56 @@ CIFAR10 = [
     Run("supcon", "supcon", 256, 93.82, None, SOLO + " (uses the labels)"),
     Run("relic", "relic", 256, None, None, "no published CIFAR recipe"),
 ]
-MOCO_PROBE = ["--lr", "30", "--epochs", "100"]  # facebookresearch/moco main_lincls.py: lr 30, batch 256, no wd
+# The linear probes of the official code (or the paper where there is none), as far as linear_eval.py expresses
+# them (SGD with momentum 0.9 or LARS, lr per 256 images, cosine; no Nesterov, no step schedule, the last block's
+# features only): MoCo v1/v2 main_lincls.py lr 30 at batch 256, no wd, 100 epochs (a step schedule there);
+# MoCo v3 lr 0.1 (ViT: 3) per 256 at 1024, 90 epochs; SimSiam LARS lr 0.1 per 256 at 4096, 90 epochs; SwAV
+# eval_linear.py lr 0.3 at 256, wd 1e-6, 100 epochs; DINO eval_linear.py lr 0.001 per 256 at 1024, 100 epochs
+# (ViT-S/16: the CLS tokens of its last 4 blocks, here the last one's); Barlow Twins evaluate.py lr 0.3 at 256,
+# wd 1e-6, 100 epochs; SimCLR (App. B.6) lr 0.1 per 256 at 4096, 90 epochs, Nesterov; BYOL (official eval config)
+# lr 0.2 per 256 at 1024, 80 epochs, Nesterov, also for NNCLR and ReLIC, whose papers follow BYOL's protocol and
+# state no lr; SupCon's head-only script: lr 0.1 per 256 at 6144, wd 1e-6, 90 epochs (the paper's RMSProp
+# stage is not expressible here).
+MOCO_PROBE = ["--lr", "30", "--epochs", "100"]
+BYOL_PROBE = ["--lr", "0.2", "--epochs", "80"]
 IMAGENET = [
     Run("moco_v1", "moco_v1_imagenet", 256, 60.6, None, "MoCo v1 paper, 200 ep", probe=MOCO_PROBE),
     Run("moco_v2", "moco_v2_imagenet", 256, 67.5, None, "MoCo v2 paper, 200 ep", probe=MOCO_PROBE),
-    Run("moco_v3", "moco_v3_imagenet", 4096, 68.9, None, "moco-v3 CONFIG.md, R50 100 ep"),
-    Run("moco_v3_vit", "moco_v3_vit_imagenet", 4096, 73.2, None, "MoCo v3 paper, ViT-S 300 ep"),
-    Run("simclr", "simclr_imagenet", 4096, 69.3, None, "SimCLR paper, 1000 ep", pretrain=["--epochs", "1000"]),
-    Run("simsiam", "simsiam_imagenet", 512, 68.1, None, "SimSiam paper Table 4, 100 ep"),
-    Run("byol", "byol_imagenet", 4096, 74.3, None, "BYOL paper, 1000 ep"),
-    Run("barlow", "barlow_imagenet", 2048, 73.2, None, "Barlow Twins paper, 1000 ep"),
-    Run("swav", "swav_imagenet", 256, 72.7, None, "swav_200ep_bs256_pretrain.sh, 200 ep"),
-    Run("dino", "dino_imagenet", 512, 74.0, 69.3, "dino README, ViT-S/16 100 ep"),
-    Run("nnclr", "nnclr_imagenet", 4096, 75.6, None, "NNCLR paper, 1000 ep"),
-    Run("relic", "relic_imagenet", 4096, 70.3, None, "ReLIC paper, 1000 ep"),
-    Run("supcon", "supcon_imagenet", 6144, 77.9, None, "SupCon paper Supp. Table 9 (SimAugment), 350 ep"),
+    Run("moco_v3", "moco_v3_imagenet", 4096, 68.9, None, "moco-v3 CONFIG.md, R50 100 ep",
+        probe=["--lr", "0.1", "--epochs", "90"], probe_batch=1024),
+    Run("moco_v3_vit", "moco_v3_vit_imagenet", 4096, 73.2, None, "MoCo v3 paper, ViT-S 300 ep",
+        probe=["--lr", "3", "--epochs", "90"], probe_batch=1024),
+    Run("simclr", "simclr_imagenet", 4096, 69.3, None, "SimCLR paper, 1000 ep", pretrain=["--epochs", "1000"],
+        probe=["--lr", "0.1", "--epochs", "90"], probe_batch=4096),
+    Run("simsiam", "simsiam_imagenet", 512, 68.1, None, "SimSiam paper Table 4, 100 ep",
+        probe=["--optimizer", "lars", "--lr", "0.1", "--epochs", "90"], probe_batch=4096),
+    Run("byol", "byol_imagenet", 4096, 74.3, None, "BYOL paper, 1000 ep", probe=BYOL_PROBE, probe_batch=1024),
+    Run("barlow", "barlow_imagenet", 2048, 73.2, None, "Barlow Twins paper, 1000 ep",
+        probe=["--lr", "0.3", "--weight_decay", "1e-6", "--epochs", "100"]),
+    Run("swav", "swav_imagenet", 256, 72.7, None, "swav_200ep_bs256_pretrain.sh, 200 ep",
+        probe=["--lr", "0.3", "--weight_decay", "1e-6", "--epochs", "100"]),
+    Run("dino", "dino_imagenet", 512, 74.0, 69.3, "dino README, ViT-S/16 100 ep",
+        probe=["--lr", "0.001", "--epochs", "100"], probe_batch=1024),
+    Run("nnclr", "nnclr_imagenet", 4096, 75.6, None, "NNCLR paper, 1000 ep", probe=BYOL_PROBE, probe_batch=1024),
+    Run("relic", "relic_imagenet", 4096, 70.3, None, "ReLIC paper, 1000 ep", probe=BYOL_PROBE, probe_batch=1024),
+    Run("supcon", "supcon_imagenet", 6144, 77.9, None, "SupCon paper Supp. Table 9 (SimAugment), 350 ep",
+        probe=["--lr", "0.1", "--weight_decay", "1e-6", "--epochs", "90"], probe_batch=6144),
 ]
-SUITES = {"cifar10": (CIFAR10, ["--download", "true"], ["--k", "200", "--temperature", "0.1"], 256),
-          "imagenet": (IMAGENET, [], ["--k", "20", "--temperature", "0.07"], 256)}
+SUITES = {"cifar10": (CIFAR10, ["--download", "true"], ["--k", "200", "--temperature", "0.1"]),
+          "imagenet": (IMAGENET, [], ["--k", "20", "--temperature", "0.07"])}
 
 
 def commands(suite, run, gpus, data, out):
     """(what, command, the JSON it writes or None) for the pre-training, kNN and linear probe of one run."""
-    _, pretrain_flags, knn_flags, probe_batch = SUITES[suite]
-    if run.global_batch % gpus:
-        raise SystemExit(f"error: {run.name}'s global batch {run.global_batch} does not split over {gpus} GPUs; "
-                         "pick --gpus that divides it")
+    _, pretrain_flags, knn_flags = SUITES[suite]
+    for what, batch in (("global batch", run.global_batch), ("linear probe's global batch", run.probe_batch)):
+        if batch % gpus:
+            raise SystemExit(f"error: {run.name}'s {what} {batch} does not split over {gpus} GPUs; pick --gpus "
+                             "that divides it")
     launch = ["torchrun", f"--nproc_per_node={gpus}"] if gpus > 1 else [sys.executable]
     folder = os.path.join(out, run.name)
     checkpoint = os.path.join(folder, "last.pt")
-    probe = [*run.probe, "--batch_size", str(max(1, probe_batch // gpus))]
+    probe = [*run.probe, "--batch_size", str(run.probe_batch // gpus)]
     return [("pre-train", [*launch, run.script, "--config", f"configs/{run.config}.yaml", "--data_dir", data,
                            "--out_dir", folder, "--batch_size", str(run.global_batch // gpus), *pretrain_flags,
                            *run.pretrain], None),

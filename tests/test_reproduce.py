@@ -39,8 +39,10 @@ def test_every_method_pretrains_then_is_evaluated_with_valid_settings(suite, gpu
             assert cfg.epochs >= 100 and cfg.out_dir.startswith(f"runs/reproduce_{suite}/")
     assert METHODS <= set(scripts)  # every method, then a kNN and a linear probe of each run
     assert len(scripts["knn_eval"]) == len(scripts["linear_eval"]) == len(commands) // 3
-    moco_probe = [cfg for cfg in scripts["linear_eval"] if "moco_v1" in cfg.checkpoint]
-    assert suite == "cifar10" or moco_probe[0].lr == 30  # MoCo's official linear protocol
+    if suite == "imagenet":  # the official linear protocols, e.g. MoCo's lr 30 at 256 and SimSiam's LARS at 4096
+        probes = {cfg.checkpoint.split("/")[-2]: cfg for cfg in scripts["linear_eval"]}
+        assert (probes["moco_v1"].lr, probes["moco_v1"].batch_size * gpus) == (30, 256)
+        assert (probes["simsiam"].optimizer, probes["simsiam"].batch_size * gpus) == ("lars", 4096)
 
 
 def test_bad_requests_are_one_line_errors():
