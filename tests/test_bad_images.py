@@ -96,11 +96,9 @@ def _run(tmp_path, tree, *extra):
                       timeout=120)
 
 
-@pytest.mark.parametrize("views", ["workers", "batched"])
-def test_simclr_stops_on_a_bad_image_in_one_line(tmp_path, tree, views):
-    """The image is read in a DataLoader worker (views: batched too, whose workers read the files and decode
-    those that are not JPEGs): one `error:` line, no worker traceback, and the run ends."""
-    result = _run(tmp_path, tree, "--views", views)
+def test_simclr_stops_on_a_bad_image_in_one_line(tmp_path, tree):
+    """The image is read in a DataLoader worker: one `error:` line, no worker traceback, and the run ends."""
+    result = _run(tmp_path, tree)
     assert_one_line_error(result, "cannot read image ")
     assert "Original Traceback" not in result.stderr and "--bad_images skip" in result.stderr
     assert "broken.png" in result.stderr or "truncated.png" in result.stderr
@@ -108,7 +106,8 @@ def test_simclr_stops_on_a_bad_image_in_one_line(tmp_path, tree, views):
 
 @pytest.mark.parametrize("views", ["workers", "batched"])
 def test_simclr_and_knn_eval_skip_bad_images_with_a_warning(tmp_path, tree, views):
-    """A run with --bad_images skip trains; knn_eval.py on its checkpoint (the same folder) stops or skips too."""
+    """A run with --bad_images skip trains; knn_eval.py on its checkpoint (the same folder) stops or skips too.
+    With views: batched, the loader workers read the files and decode those that are not JPEGs (all here)."""
     broken, truncated = tree / "train" / "a" / "broken.png", tree / "train" / "b" / "truncated.png"
     result = _run(tmp_path, tree, "--bad_images", "skip", "--views", views)
     assert_ok(result)
