@@ -26,6 +26,8 @@ import subprocess
 import sys
 import tempfile
 
+from docs_section import write_section  # bench/docs_section.py
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ("model", "batched", "workers")
 METHODS = ("simclr", "moco", "simsiam", "byol", "barlow", "swav", "dino", "nnclr", "relic", "supcon")
@@ -205,12 +207,11 @@ def main():
     if args.markdown:
         import datetime
         command = "python bench/throughput.py " + " ".join(sys.argv[1:])
-        with open(args.markdown, "w") as f:
-            f.write(f"# Throughput and memory\n\nMeasured {datetime.date.today()} by `{command}`.\n"
-                    "Images/s: the median step rate after the warm-up steps, the best of the repeats; model: "
-                    "every step on one batch of views made before the run (the limit of this machine for the "
-                    "method); batched / workers: end to end with each view path (README, Views).\n\n"
-                    + "\n".join(lines) + "\n")
+        write_section(args.markdown, "throughput", f"## Throughput and memory\n\nMeasured {datetime.date.today()} by "
+                      f"`{command}`. Images/s: the median step rate after the warm-up steps, the best of the repeats; "
+                      "model: every step on one batch of views made before the run (the limit of this machine for "
+                      "the method); batched / workers: end to end with each view path (README, Views).\n\n"
+                      + "\n".join(lines))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"settings": vars(args), "machine": machine, "results": results, "views_per_s_one_thread":

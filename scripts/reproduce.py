@@ -100,7 +100,7 @@ def commands(suite, run, gpus, data, out):
         if batch % gpus:
             raise SystemExit(f"error: {run.name}'s {what} {batch} does not split over {gpus} GPUs; pick --gpus "
                              "that divides it")
-    launch = ["torchrun", f"--nproc_per_node={gpus}"] if gpus > 1 else [sys.executable]
+    launch = ["torchrun", f"--nproc_per_node={gpus}"] if gpus > 1 else ["python"]  # run as sys.executable
     folder = os.path.join(out, run.name)
     checkpoint = os.path.join(folder, "last.pt")
     probe = [*run.probe, "--batch_size", str(run.probe_batch // gpus)]
@@ -161,7 +161,7 @@ def main(argv=None):
                 print(f"# {run.name}: {what}\n{shlex.join(command)}", flush=True)
                 if args.dry_run or (writes and os.path.exists(writes)):
                     continue
-                if subprocess.run(command).returncode != 0:
+                if subprocess.run([sys.executable, *command[1:]] if args.gpus == 1 else command).returncode != 0:
                     raise SystemExit(f"error: {run.name}'s {what} failed (above); run the same command again to "
                                      "resume it")
     if not args.dry_run:

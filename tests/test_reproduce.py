@@ -1,5 +1,6 @@
-"""scripts/reproduce_cifar10.sh and reproduce_imagenet.sh cannot run here (days of GPUs): their --dry-run prints
-every command, and each command's settings are checked as its script would read them (config file, flags)."""
+"""scripts/reproduce_cifar10.sh and reproduce_imagenet.sh cannot run here (days of GPUs), bench/cifar_budget.py
+takes hours: their --dry-run prints every command, and each command's settings are checked as its script would
+read them (config file, flags)."""
 import importlib
 import re
 import shlex
@@ -59,3 +60,19 @@ def test_the_report_reads_the_evaluations_written_so_far(tmp_path):
     result = run_script(["scripts/reproduce.py", "cifar10", "--report", "--out", tmp_path, "swav", "dino"])
     assert result.returncode == 0, result.stderr
     assert "| swav | - | 89.17 | 81.23 | 88.40 |" in result.stdout and "| dino | - | 89.52 | - | 84.80 |" in result.stdout
+
+
+def test_the_cifar_budget_runs_every_method_and_the_floor_with_valid_settings():
+    result = run_script(["bench/cifar_budget.py", "--dry-run"])
+    assert result.returncode == 0, result.stderr
+    commands = [shlex.split(line) for line in result.stdout.splitlines() if line and not line.startswith("#")]
+    methods = set()
+    for command in commands[1:]:  # the first makes the random-init trunk
+        script = command[1]
+        cfg = load_config(importlib.import_module(script[:-3]).Config, command[2:])
+        if script[:-3] in METHODS:
+            methods.add(script[:-3])
+            assert (cfg.subset, cfg.epochs, cfg.batch_size, cfg.views) == (10000, 20, 256, "batched")
+    assert methods == METHODS and len(commands) == 3 * (len(METHODS) + 2)  # the floor, and simclr's second seed
+    assert_one_line_error(run_script(["bench/cifar_budget.py", "--dry-run", "--methods", "mocco"]),
+                          "no run named mocco")
