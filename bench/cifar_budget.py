@@ -57,7 +57,8 @@ def commands(name, args):
     if name == "floor":
         trunk = os.path.join(folder, "random_init.pt")
         plain = ["--checkpoint", trunk, "--arch", "resnet18", "--image_size", "32", "--cifar_stem", "false", *data]
-        make = ("import sys, torch; from common.backbones import backbone_args, build_backbone; torch.manual_seed(0); "
+        make = ("import os, sys, torch; from common.backbones import backbone_args, build_backbone; "
+                "torch.manual_seed(0); os.makedirs(os.path.dirname(sys.argv[1]), exist_ok=True); "
                 "torch.save(build_backbone(**backbone_args('resnet18', 32, 'false'))[0].state_dict(), sys.argv[1])")
         return [("random init", [python, "-c", make, trunk], trunk),
                 ("kNN", [python, "knn_eval.py", *plain, *knn, "--out", f"{folder}/knn.json"], f"{folder}/knn.json"),

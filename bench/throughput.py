@@ -93,8 +93,9 @@ def view_rates(dataset, data_dir, image_size, images=256, repeats=3):
     from common.data import build_dataset
     torch.set_num_threads(1)
     data = build_dataset(dataset, data_dir, "pretrain", image_size=image_size)
-    pil = [data[i][0].convert("RGB") for i in range(images)]
-    batch = torch.stack([pil_to_tensor(p) for p in pil])
+    pil = [data[i][0].convert("RGB") for i in range(min(images, len(data)))]
+    batch = [pil_to_tensor(p) for p in pil]  # a list: images of any sizes (one tensor when they share one)
+    images = len(pil)
     rows = []
     for name, views in [("two views (SimCLR)", two_views("sym", image_size, dataset)),
                         ("multi-crop 2 + 6 (SwAV)", multi_crop("sym", dataset, image_size, 18, 6))]:

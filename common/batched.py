@@ -369,11 +369,15 @@ class DecodingLoader:
             torch.cuda.current_stream(self.device).synchronize()
         try:
             decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device) if encoded else []
+        except torch.OutOfMemoryError:  # the device's trouble, not a file's
+            raise
         except RuntimeError:  # one of them the decoder cannot read: each on its own, PIL for those it rejects
             decoded = []
             for n, data in zip(jpegs, encoded):
                 try:
                     decoded.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device))
+                except torch.OutOfMemoryError:
+                    raise
                 except RuntimeError:
                     image, labels[n] = self.files.dataset[items[n][1]]
                     decoded.append(pil_to_tensor(image.convert("RGB")))
