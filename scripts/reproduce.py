@@ -89,7 +89,7 @@ IMAGENET = [
     Run("supcon", "supcon_imagenet", 6144, 77.9, None, "SupCon paper Supp. Table 9 (SimAugment), 350 ep",
         probe=["--lr", "0.1", "--weight_decay", "1e-6", "--epochs", "90"], probe_batch=6144),
 ]
-SUITES = {"cifar10": (CIFAR10, ["--download", "true"], ["--k", "200", "--temperature", "0.1"]),
+SUITES = {"cifar10": (CIFAR10, [], ["--k", "200", "--temperature", "0.1"]),
           "imagenet": (IMAGENET, [], ["--k", "20", "--temperature", "0.07"])}
 
 
@@ -155,6 +155,12 @@ def main(argv=None):
         raise SystemExit("error: imagenet needs --data DIR (an ImageFolder tree with train/ and val/)")
     out = args.out or f"runs/reproduce_{args.suite}"
     selected = [run for run in runs if not args.names or run.name in args.names]
+    if not args.report and args.suite == "cifar10":  # once, here: every torchrun rank downloading it would race
+        fetch = ["python", "-c", "import sys, torchvision; [torchvision.datasets.CIFAR10(sys.argv[1], train=t, "
+                 "download=True) for t in (True, False)]", data]
+        print(f"# cifar10: download it into {data} once\n{shlex.join(fetch)}", flush=True)
+        if not args.dry_run and subprocess.run([sys.executable, *fetch[1:]]).returncode != 0:
+            raise SystemExit(f"error: could not download CIFAR-10 into {data} (above); put it there by hand")
     if not args.report:
         for run in selected:
             for what, command, writes in commands(args.suite, run, args.gpus, data or "/path/to/imagenet", out):
