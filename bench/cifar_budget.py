@@ -23,6 +23,7 @@ import subprocess
 import sys
 
 from docs_section import write_section  # bench/docs_section.py
+from throughput import cpu_name  # bench/throughput.py
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SGD = ["--optimizer", "sgd", "--lr", "0.12", "--warmup_epochs", "0", "--weight_decay", "5e-4"]
@@ -136,7 +137,7 @@ def main(argv=None):
     if args.dry_run:
         return
     import torch
-    machine = f"{_cpu()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    machine = f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}"
     lines = [f"{args.epochs} epochs on {args.subset} images (ResNet-18, ImageNet stem, 32 px, batch 256, bf16, "
              f"views batched); kNN k 200, T 0.1; linear probe {args.linear_epochs} epochs on cached features. "
              f"{machine}, {datetime.date.today()}.", "",
@@ -147,14 +148,6 @@ def main(argv=None):
         write_section(args.markdown, "cifar_budget", "## What each method learns at a small CPU budget\n\nMeasured by "
                       "`python bench/cifar_budget.py " + " ".join(sys.argv[1:]) + "`:\n\n" + "\n".join(lines)
                       + "\n\nCommands:\n\n```\n" + "\n".join(done) + "\n```")
-
-
-def _cpu():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return "CPU"
 
 
 if __name__ == "__main__":

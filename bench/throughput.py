@@ -192,7 +192,7 @@ def main():
     lines = [f"{args.arch} at {args.image_size} px, batch {args.batch_size}, {args.precision}, {args.dataset}, "
              f"{args.num_workers} loader workers; {machine}; best of {args.repeats}", "",
              "| method | " + " | ".join(f"{m} (images/s)" for m in args.modes)
-             + f" | batched / model | workers / model | memory, end to end (MB, {memory}) |",
+             + f" | batched / model | workers / model | memory (MB, {memory}; batched, else workers, else model) |",
              "|---|" + "---|" * (len(args.modes) + 3)]
     for row in results:
         shares = [f"{row[m] / row['model']:.0%}" if "model" in row and m in row else "-"

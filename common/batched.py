@@ -343,7 +343,9 @@ class DecodingLoader:
     DataLoader of `views: workers` (and as BatchedLoader), its files read by num_workers loader processes and
     their JPEGs decoded a batch at a time on `device` (torchvision.io.decode_jpeg: on a GPU, nvJPEG), images of
     any sizes; then the same batched views as BatchedLoader's, from the same per-(seed, epoch, batch)
-    generators. A JPEG the device's decoder rejects (a CMYK or broken file) is decoded by PIL instead."""
+    generators. A JPEG the device's decoder rejects (a CMYK or broken file) is decoded by PIL instead. The batches
+    hold the same images as with workers; their pixels can differ from PIL's by the decoders' rounding, and a JPEG
+    that libjpeg or nvJPEG decodes but PIL rejects trains here, where `workers` stops or skips it."""
 
     def __init__(self, dataset, views, cfg, rank, world_size, device):
         self.files, self.views = EncodedImages(dataset), BatchedViews(views)
