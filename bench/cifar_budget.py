@@ -110,13 +110,16 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--subset", type=int, default=10000, help="pre-training images")
     parser.add_argument("--linear_epochs", type=int, default=30, help="the linear probe's epochs (cached features)")
-    parser.add_argument("--out", default="runs/cifar_budget")
+    parser.add_argument("--out", default=None, help="runs' folder (default: runs/cifar_budget in the repository)")
     parser.add_argument("--markdown", default="", help="write the table to this file too (docs/benchmarks.md)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run none")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.methods) - set(FLAGS))
     if unknown:
         raise SystemExit(f"error: no run named {', '.join(unknown)}; choose from {', '.join(FLAGS)}")
+    # paths given here are relative to the caller's folder; every command runs in the repository
+    args.data, args.out = os.path.abspath(args.data), os.path.abspath(args.out) if args.out else "runs/cifar_budget"
+    args.markdown = os.path.abspath(args.markdown) if args.markdown else ""
     os.chdir(REPO)
     archive = os.path.join(os.path.dirname(REPO), "shared", "data", "cifar10-jpeg.tar.gz")
     if not args.dry_run and not os.path.isdir(os.path.join(args.data, "train")):

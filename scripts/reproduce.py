@@ -143,6 +143,9 @@ def main(argv=None):
     parser.add_argument("--dry-run", action="store_true", help="print every command, run none")
     parser.add_argument("--report", action="store_true", help="print the table of the results so far, run none")
     args = parser.parse_intermixed_args(argv)
+    # paths given here are relative to the caller's folder; the defaults, and every command, to the repository
+    args.data, args.out = [os.path.abspath(path) if path else None for path in (args.data, args.out)]
+    os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     runs = SUITES[args.suite][0]
     unknown = sorted(set(args.names) - {run.name for run in runs})
     if unknown:
@@ -175,5 +178,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     main()

@@ -5,6 +5,7 @@ import importlib
 import re
 import shlex
 import subprocess
+import sys
 
 import pytest
 
@@ -80,3 +81,14 @@ def test_the_cifar_budget_runs_every_method_and_the_floor_with_valid_settings():
     assert methods == METHODS and len(commands) == 3 * (len(METHODS) + 2)  # the floor, and simclr's second seed
     assert_one_line_error(run_script(["bench/cifar_budget.py", "--dry-run", "--methods", "mocco"]),
                           "no run named mocco")
+
+
+def test_folders_given_are_relative_to_the_callers_folder(tmp_path):
+    """Both drivers run their commands in the repository, but --out/--data typed elsewhere mean that folder's."""
+    for script, args in [("scripts/reproduce.py", ["cifar10", "simclr", "--data", "cifar"]),
+                         ("bench/cifar_budget.py", ["--methods", "simclr", "--data", "cifar"])]:
+        result = subprocess.run([sys.executable, str(REPO / script), "--dry-run", "--out", "mine", *args],
+                                cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert f"--out_dir {tmp_path / 'mine'}/" in result.stdout
+        assert f"--data_dir {tmp_path / 'cifar'}" in result.stdout
