@@ -25,10 +25,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from battery import TRAINED_ARGS, case_of, quick_args, run_ranks
-from common.config import parse_config, usage_errors
+from common.config import load_config, parse_config, usage_errors
+from common.runtime import StepMetrics
 from helpers import REPO, assert_clean_error, assert_one_line_error, read_jsonl, run_script
 
 # every tests/case_<method>.py is a method of the battery; SimCLR first, the reference of the shared parts
@@ -296,6 +298,41 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(method, trained, tmp_pat
     assert [p.name for p in run.iterdir() if p.suffix in (".pt", ".tmp")] == ["last.pt"]  # no snapshot, no .tmp
     assert _files(run)[run / "last.pt"] == before[run / "last.pt"]  # last.pt untouched
 
+
+
+EMA_COPIES = {"moco": "key_", "byol": "target_", "relic": "target_", "dino": "teacher"}  # moved by the EMA alone
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_skipped_step_leaves_weights_optimizer_and_buffers_as_they_were(method, trained, tmp_path, monkeypatch):
+    """--skip_nonfinite: the epoch-1 state, resumed in this process with every step of epoch 2 reported non-finite
+    (the loss StepMetrics.add is handed turns NaN; the check itself is tested in test_common): all 4 steps are
+    skipped, and the trained weights, the optimizer's state and the method's buffers (queues, centers) end exactly
+    as they were. Only what a forward pass or the EMA moves may change: BatchNorm statistics, an EMA copy."""
+    run = _resume_copy(trained, method, tmp_path)
+    before = torch.load(run / "last.pt", weights_only=False)
+    add = StepMetrics.add
+    monkeypatch.setattr(StepMetrics, "add", lambda self, loss, **values: add(self, loss=loss * math.nan, **values))
+    module = importlib.import_module(method)
+    module.train(load_config(module.Config, quick_args(method, run, "--resume", "true", "--skip_nonfinite", "4")[1:]))
+    after = torch.load(run / "last.pt", weights_only=False)
+    assert after["step"] == before["step"] + 4 and after["metrics"]["skipped"] == 4
+    moved = {name for name, value in before["model"].items() if not torch.equal(value, after["model"][name])}
+    if method == "swav":  # each step starts by making the prototypes unit vectors (the official order): idempotent
+        prototypes = before["model"]["prototypes.weight"]
+        torch.testing.assert_close(after["model"]["prototypes.weight"], F.normalize(prototypes))
+        moved.remove("prototypes.weight")
+    allowed = ("running_mean", "running_var", "num_batches_tracked")
+    assert {name for name in moved if not name.endswith(allowed) and EMA_COPIES.get(method, "-") not in name} == set()
+    assert all(torch.equal(a, b) for a, b in zip(_tensors(before["optimizer"]), _tensors(after["optimizer"])))
+
+
+def _tensors(tree):
+    """Every tensor in a nested dict / list, in a fixed order."""
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    items = tree.values() if isinstance(tree, dict) else tree if isinstance(tree, (list, tuple)) else []
+    return [t for item in items for t in _tensors(item)]
 
 # ---- optimizer and schedules ----
 @pytest.mark.parametrize("method", METHODS)
