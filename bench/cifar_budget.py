@@ -7,12 +7,16 @@ the same evaluations of a randomly initialised trunk (the floor). SimCLR runs wi
     python bench/cifar_budget.py                       # every method (hours on 2 CPU cores)
     python bench/cifar_budget.py --methods swav dino   # some of them
     python bench/cifar_budget.py --dry-run             # the commands only
+    python bench/cifar_budget.py --methods simclr --json docs/cifar_budget.json --markdown docs/benchmarks.md
 
 Each method trains with the flags below (FLAGS: its recipe, or the settings that suit this budget, said in
 README's short-budget section). Finished steps are not redone (their JSON is there), a stopped pre-training
 resumes. The table (top-1 / top-5 of both evaluations, seconds per epoch, the loss's first and last epoch) is
-printed, and written with the date, the machine and the commands to --markdown (docs/benchmarks.md). A method
-whose loss does not fall, or a contrastive method that does not clear the floor, is a bug to find.
+printed, and written with the machine, the date and each run's commands to --markdown (docs/benchmarks.md) after
+every run. --json keeps each run's row in a file with the rows of earlier invocations (replacing a run's earlier
+row), and the --markdown table then shows them all: the runs of a table that takes longer than one sitting can be
+made in several. A method whose loss does not fall, or a contrastive method that does not clear the floor, is a
+bug to find.
 """
 import argparse
 import datetime
@@ -85,21 +89,69 @@ def _read(path, *keys):
         return None
 
 
-def row(name, args):
-    """One line of the table: the evaluations, seconds per epoch and the loss of the first and last epochs."""
+def measure(name, args, machine):
+    """One finished run's numbers: the evaluations, seconds per epoch, the loss of its first and last epochs, its
+    flags and commands, the machine and the date."""
     folder = os.path.join(args.out, name)
-    cells = []
-    for what in ("knn", "linear"):
-        found = _read(os.path.join(folder, f"{what}.json"), "top1", "top5")
-        cells.append(f"{found[0]:.2f} / {found[1]:.2f}" if found else "-")
+    found = {what: _read(os.path.join(folder, f"{what}.json"), "top1", "top5") for what in ("knn", "linear")}
     epochs = []
     if os.path.exists(os.path.join(folder, "metrics.jsonl")):
         with open(os.path.join(folder, "metrics.jsonl")) as f:
             epochs = [m for m in map(json.loads, f) if "train/epoch_loss" in m]
-    speed = f"{args.subset / sorted(m['train/images_per_s'] for m in epochs)[len(epochs) // 2]:.0f}" if epochs else "-"
-    loss = f"{epochs[0]['train/epoch_loss']:.3f} -> {epochs[-1]['train/epoch_loss']:.3f}" if epochs else "-"
-    flags = shlex.join(FLAGS[name][1]) if name in FLAGS else "-"
-    return f"| {name} | {cells[0]} | {cells[1]} | {speed} | {loss} | `{flags}` |"
+    rates = sorted(m["train/images_per_s"] for m in epochs)
+    return {"run": name, **found, "s_per_epoch": round(args.subset / rates[len(rates) // 2]) if epochs else None,
+            "loss": [epochs[0]["train/epoch_loss"], epochs[-1]["train/epoch_loss"]] if epochs else None,
+            "epochs": args.epochs, "subset": args.subset, "linear_epochs": args.linear_epochs,
+            "flags": FLAGS[name][1] if name in FLAGS else [],
+            "commands": [shlex.join(command) for _, command, _ in commands(name, args)], "machine": machine,
+            "date": str(datetime.date.today())}
+
+
+def table_row(r):
+    cells = [f"{r[what][0]:.2f} / {r[what][1]:.2f}" for what in ("knn", "linear")]
+    loss = f"{r['loss'][0]:.3f} -> {r['loss'][1]:.3f}" if r["loss"] else "-"
+    flags = f"`{shlex.join(r['flags'])}`" if r["flags"] else "-"
+    return (f"| {r['run']} | {cells[0]} | {cells[1]} | {r['s_per_epoch'] or '-'} | {loss} | {flags} | "
+            f"{r['date']} |")
+
+
+def keep(path, row):
+    """Adds `row` to the runs kept in the JSON file at path (replacing an earlier row of the same run, keeping the
+    others) and returns them all."""
+    kept = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            kept = {r["run"]: r for r in json.load(f)}
+    kept[row["run"]] = row
+    with open(path, "w") as f:
+        json.dump(list(kept.values()), f, indent=1)
+    return list(kept.values())
+
+
+def table(rows, args):
+    """The markdown table of `rows` (the floor first, then FLAGS' order), naming each machine and budget."""
+    order = ["floor", *FLAGS]
+    rows = sorted(rows, key=lambda r: order.index(r["run"]) if r["run"] in order else len(order))
+    budgets = sorted({f"{r['epochs']} epochs on {r['subset']} images" for r in rows if r["run"] != "floor"})
+    probes = sorted({str(r["linear_epochs"]) for r in rows})
+    machines = sorted({r["machine"] for r in rows})
+    return [f"Pre-training: {', '.join(budgets) or '-'} (ResNet-18, ImageNet stem, 32 px, batch 256, bf16, views "
+            f"batched); kNN k 200, T 0.1; linear probe {' or '.join(probes)} epochs on cached features. "
+            f"Machine: {'; '.join(machines)}.", "",
+            "| run | kNN top-1 / top-5 (%) | linear top-1 / top-5 (%) | s / epoch | loss, first -> last epoch | "
+            "flags | measured |", "|---|---|---|---|---|---|---|", *map(table_row, rows)]
+
+
+def write_markdown(args, rows, argv):
+    """The section of --markdown: the table of `rows`, how it was made and each row's commands."""
+    how = f"`python bench/cifar_budget.py {shlex.join(argv)}`"
+    if args.json:
+        how += f", with the rows of earlier invocations kept in `{os.path.relpath(args.json)}`"
+    run_commands = [line for r in rows for line in [f"# {r['run']}", *r["commands"]]]
+    write_section(args.markdown, "cifar_budget", "\n".join([
+        "## What each method learns at a small CPU budget", "",
+        f"Written by {how}; the `measured` column says when each row was, the commands below how.", "",
+        *table(rows, args), "", "Each run's commands:", "", "```", *run_commands, "```"]))
 
 
 def main(argv=None):
@@ -112,7 +164,10 @@ def main(argv=None):
     parser.add_argument("--linear_epochs", type=int, default=30, help="the linear probe's epochs (cached features)")
     parser.add_argument("--out", default=None, help="runs' folder (default: runs/cifar_budget in the repository)")
     parser.add_argument("--markdown", default="", help="write the table to this file too (docs/benchmarks.md)")
+    parser.add_argument("--json", default="", help="keep each run's numbers in this file, with those of earlier "
+                        "invocations (docs/cifar_budget.json); the --markdown table then shows them all")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run none")
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     unknown = sorted(set(args.methods) - set(FLAGS))
     if unknown:
@@ -120,6 +175,7 @@ def main(argv=None):
     # paths given here are relative to the caller's folder; every command runs in the repository
     args.data, args.out = os.path.abspath(args.data), os.path.abspath(args.out) if args.out else "runs/cifar_budget"
     args.markdown = os.path.abspath(args.markdown) if args.markdown else ""
+    args.json = os.path.abspath(args.json) if args.json else ""
     os.chdir(REPO)
     archive = os.path.join(os.path.dirname(REPO), "shared", "data", "cifar10-jpeg.tar.gz")
     if not args.dry_run and not os.path.isdir(os.path.join(args.data, "train")):
@@ -127,30 +183,26 @@ def main(argv=None):
             raise SystemExit(f"error: no CIFAR-10 tree at {args.data} and no archive at {archive}; pass --data")
         os.makedirs(os.path.dirname(os.path.abspath(args.data)), exist_ok=True)
         subprocess.run(["tar", "-xzf", archive, "-C", os.path.dirname(os.path.abspath(args.data))], check=True)
-    runs = ["floor", *args.methods]
-    done = []
-    for name in runs:
+    machine = ""
+    if not args.dry_run:
+        import torch
+        machine = f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    rows = []
+    for name in ["floor", *args.methods]:
         for what, command, writes in commands(name, args):
             print(f"# {name}: {what}\n{shlex.join(command)}", flush=True)
-            done.append(shlex.join(command))
             if args.dry_run or (writes and os.path.exists(writes)):
                 continue
             if subprocess.run([sys.executable, *command[1:]]).returncode != 0:
                 raise SystemExit(f"error: {name}'s {what} failed (above); run the same command again to resume")
-    if args.dry_run:
-        return
-    import torch
-    machine = f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}"
-    lines = [f"{args.epochs} epochs on {args.subset} images (ResNet-18, ImageNet stem, 32 px, batch 256, bf16, "
-             f"views batched); kNN k 200, T 0.1; linear probe {args.linear_epochs} epochs on cached features. "
-             f"{machine}, {datetime.date.today()}.", "",
-             "| run | kNN top-1 / top-5 (%) | linear top-1 / top-5 (%) | s / epoch | loss, first -> last epoch | "
-             "flags |", "|---|---|---|---|---|---|", *(row(name, args) for name in runs)]
-    print("\n" + "\n".join(lines))
-    if args.markdown:
-        write_section(args.markdown, "cifar_budget", "## What each method learns at a small CPU budget\n\nMeasured by "
-                      "`python bench/cifar_budget.py " + " ".join(sys.argv[1:]) + "`:\n\n" + "\n".join(lines)
-                      + "\n\nCommands:\n\n```\n" + "\n".join(done) + "\n```")
+        if args.dry_run:
+            continue
+        rows.append(measure(name, args, machine))  # written after every run: a stopped session keeps its rows
+        shown = keep(args.json, rows[-1]) if args.json else rows  # --json: with earlier invocations' rows
+        if args.markdown:
+            write_markdown(args, shown, argv)
+    if not args.dry_run:
+        print("\n" + "\n".join(table(rows, args)))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 takes hours: their --dry-run prints every command, and each command's settings are checked as its script would
 read them (config file, flags)."""
 import importlib
+import json
 import re
 import shlex
 import subprocess
@@ -92,3 +93,48 @@ def test_folders_given_are_relative_to_the_callers_folder(tmp_path):
         assert result.returncode == 0, result.stderr
         assert f"--out_dir {tmp_path / 'mine'}/" in result.stdout
         assert f"--data_dir {tmp_path / 'cifar'}" in result.stdout
+
+
+def test_the_cifar_budget_keeps_each_finished_runs_row_with_earlier_ones(tmp_path, monkeypatch):
+    """Its commands faked (each writes the evaluation JSON it names, and a pre-training its metrics.jsonl): after
+    every run, the row joins --json's rows of earlier invocations and --markdown's table shows them all."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    budget = importlib.import_module("cifar_budget")
+    ran = []
+
+    def fake(command, **kwargs):
+        ran.append(command)
+        if "--out" in command:
+            out = command[command.index("--out") + 1]
+            with open(out, "w") as f:
+                f.write('{"top1": %d.5, "top5": 90.25}' % (30 + len(ran)))
+        elif "--out_dir" in command:
+            folder = command[command.index("--out_dir") + 1]
+            (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+            lines = [{"train/epoch_loss": loss, "train/images_per_s": 500.0} for loss in (6.0, 5.5, 5.25)]
+            (tmp_path / folder / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+        else:  # the random-init trunk: its path is the command's last part
+            (tmp_path / command[-1]).parent.mkdir(parents=True, exist_ok=True)
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(budget.subprocess, "run", fake)
+    monkeypatch.chdir(tmp_path)  # main() moves to the repository: the faked files go below tmp_path
+    monkeypatch.setattr(budget, "REPO", str(tmp_path))
+    (tmp_path / "cifar" / "train").mkdir(parents=True)
+    earlier = {"run": "dino", "knn": [37.0, 88.6], "linear": [40.0, 90.0], "s_per_epoch": 70, "loss": [7.6, 7.0],
+               "epochs": 20, "subset": 10000, "linear_epochs": 30, "flags": ["--lr", "0.12"],
+               "commands": ["python dino.py --lr 0.12"], "machine": "an older CPU", "date": "2026-12-01"}
+    (tmp_path / "kept.json").write_text(json.dumps([earlier]))
+    budget.main(["--methods", "simclr", "--data", "cifar", "--json", "kept.json", "--markdown", "docs/bench.md"])
+    kept = {r["run"]: r for r in json.loads((tmp_path / "kept.json").read_text())}
+    assert set(kept) == {"floor", "simclr", "dino"} and kept["dino"] == earlier
+    assert kept["simclr"]["knn"] == [35.5, 90.25] and kept["simclr"]["loss"] == [6.0, 5.25]
+    assert kept["simclr"]["s_per_epoch"] == 20 and kept["floor"]["s_per_epoch"] is None
+    text = (tmp_path / "docs" / "bench.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "|---" not in line][1:]
+    assert [row.split(" | ")[0] for row in rows] == ["| floor", "| simclr", "| dino"]
+    assert "| simclr | 35.50 / 90.25 | 36.50 / 90.25 | 20 | 6.000 -> 5.250 | `--optimizer sgd" in text
+    assert "an older CPU" in text and "python dino.py --lr 0.12" in text and "python simclr.py" in text
+    assert "<!-- cifar_budget: written by bench/cifar_budget.py -->" in text
+    assert ("Written by `python bench/cifar_budget.py --methods simclr --data cifar --json kept.json --markdown "
+            "docs/bench.md`, with the rows of earlier invocations kept in `kept.json`") in text
