@@ -299,7 +299,6 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(method, trained, tmp_pat
     assert _files(run)[run / "last.pt"] == before[run / "last.pt"]  # last.pt untouched
 
 
-
 EMA_COPIES = {"moco": "key_", "byol": "target_", "relic": "target_", "dino": "teacher"}  # moved by the EMA alone
 
 
@@ -333,6 +332,7 @@ def _tensors(tree):
         return [tree]
     items = tree.values() if isinstance(tree, dict) else tree if isinstance(tree, (list, tuple)) else []
     return [t for item in items for t in _tensors(item)]
+
 
 # ---- optimizer and schedules ----
 @pytest.mark.parametrize("method", METHODS)
