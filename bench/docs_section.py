@@ -2,10 +2,11 @@
 import os
 
 
-def write_section(path, name, text):
-    """Puts `text` between the markers of section `name` in the markdown file at path (the file and the section
-    are created when missing; the other sections stay as they are)."""
-    start, end = f"<!-- {name}: written by bench/{name}.py -->", f"<!-- end of {name} -->"
+def write_section(path, name, text, part=""):
+    """Puts `text` between the markers of section `name` (bench/{name}.py's; `part`: one of its several sections)
+    in the markdown file at path (the file and the section are created when missing; the others stay as they are)."""
+    name_part = f"{name} ({part})" if part else name
+    start, end = f"<!-- {name_part}: written by bench/{name}.py -->", f"<!-- end of {name_part} -->"
     old = "# Benchmarks\n\nEach section is written by the command it names.\n"
     if os.path.exists(path):
         with open(path) as f:

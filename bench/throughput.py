@@ -15,7 +15,9 @@ command, e.g. docs/benchmarks.md) with each end-to-end rate's share of the model
 training process (RSS on a CPU, max allocated on a GPU), then the views one CPU thread makes per second on each
 path (SimCLR's two views, SwAV's multi-crop). --methods all: every method script.
 A benchmark, not a test: nothing asserts a speed. Settings by default: ResNet-18 with the ImageNet stem at
-32 px, batch 256, bf16 (the setting of methods.md's CPU measurements)."""
+32 px, batch 256, bf16 (the setting of methods.md's CPU measurements); SwAV and DINO with their 2 global and 6
+local crops, the local ones of --local_size px (18: SwAV's CIFAR size; DINO's 16 px would give the ImageNet stem
+the 1 x 1 inputs whose bf16 gradient is wrong on a CPU, README's CPU pitfall)."""
 import argparse
 import itertools
 import json
@@ -31,6 +33,7 @@ from docs_section import write_section  # bench/docs_section.py
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ("model", "batched", "workers")
 METHODS = ("simclr", "moco", "simsiam", "byol", "barlow", "swav", "dino", "nnclr", "relic", "supcon")
+MULTI_CROP = ("swav", "dino")
 
 
 class RepeatedBatch:
@@ -79,9 +82,9 @@ def run_one(method, mode, script_args):
         json.dump(peak, f)
 
 
-def view_rates(dataset, data_dir, image_size, images=256, repeats=3):
+def view_rates(dataset, data_dir, image_size, local_size, images=256, repeats=3):
     """Views made per second by one CPU thread, per image (torchvision, as a loader worker makes them) and a batch
-    at a time (common/batched.py), for SimCLR's two views and SwAV's multi-crop (2 x image_size + 6 x 18 px)."""
+    at a time (common/batched.py), for SimCLR's two views and SwAV's multi-crop (2 x image_size + 6 x local_size)."""
     sys.path.insert(0, REPO)
     import time
 
@@ -98,7 +101,7 @@ def view_rates(dataset, data_dir, image_size, images=256, repeats=3):
     images = len(pil)
     rows = []
     for name, views in [("two views (SimCLR)", two_views("sym", image_size, dataset)),
-                        ("multi-crop 2 + 6 (SwAV)", multi_crop("sym", dataset, image_size, 18, 6))]:
+                        ("multi-crop 2 + 6 (SwAV)", multi_crop("sym", dataset, image_size, local_size, 6))]:
         batched, generator = BatchedViews(views), torch.Generator().manual_seed(0)
         per_image, at_once = [], []
         for _ in range(repeats):
@@ -145,6 +148,7 @@ def main():
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--precision", default="bf16")
     parser.add_argument("--num_workers", type=int, default=2)
+    parser.add_argument("--local_size", type=int, default=18, help="SwAV's and DINO's local crops (px)")
     parser.add_argument("--steps", type=int, default=12, help="steps timed per run, after the warm-up")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each method and mode; the best counts")
     parser.add_argument("--warmup_steps", type=int, default=3)
@@ -171,6 +175,8 @@ def main():
                        "--num_workers", str(args.num_workers), "--views", views, "--epochs", str(epochs),
                        "--subset", str(images), "--log_every", "1",
                        "--warmup_epochs", "0", "--checkpoint_every_minutes", "0", "--out_dir", out_dir]
+            if method in MULTI_CROP:
+                command += ["--local_size", str(args.local_size)]
             done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
             if done.returncode != 0:
                 raise SystemExit(f"error: {method} ({mode}) failed:\n{done.stderr[-2000:]}")
@@ -189,7 +195,8 @@ def main():
     if torch.cuda.is_available():
         machine = f"{torch.cuda.get_device_name()}; {machine}"
     memory = "max allocated on the GPU" if torch.cuda.is_available() else "peak RSS of the training process"
-    lines = [f"{args.arch} at {args.image_size} px, batch {args.batch_size}, {args.precision}, {args.dataset}, "
+    lines = [f"{args.arch} at {args.image_size} px (SwAV, DINO: 2 global and 6 local crops of {args.local_size} px), "
+             f"batch {args.batch_size}, {args.precision}, {args.dataset}, "
              f"{args.num_workers} loader workers; {machine}; best of {args.repeats}", "",
              "| method | " + " | ".join(f"{m} (images/s)" for m in args.modes)
              + f" | batched / model | workers / model | memory (MB, {memory}; batched, else workers, else model) |",
@@ -200,7 +207,7 @@ def main():
         peak = next((str(row[f"{m}_peak_mb"]) for m in ("batched", "workers", "model") if f"{m}_peak_mb" in row), "-")
         lines.append(f"| {row['method']} | " + " | ".join(str(row[m]) for m in args.modes) + " | "
                      + " | ".join(shares) + f" | {peak} |")
-    views = view_rates(args.dataset, args.data_dir, args.image_size)
+    views = view_rates(args.dataset, args.data_dir, args.image_size, args.local_size)
     lines += ["", f"Views made by one thread, {args.image_size}-px images of {args.dataset}:", "",
               "| views | per image (views/s) | a batch at a time (views/s) |", "|---|---|---|"]
     lines += [f"| {name} | {per_image} | {at_once} |" for name, per_image, at_once in views]
@@ -208,11 +215,12 @@ def main():
     if args.markdown:
         import datetime
         command = "python bench/throughput.py " + " ".join(sys.argv[1:])
-        write_section(args.markdown, "throughput", f"## Throughput and memory\n\nMeasured {datetime.date.today()} by "
-                      f"`{command}`. Images/s: the median step rate after the warm-up steps, the best of the repeats; "
-                      "model: every step on one batch of views made before the run (the limit of this machine for "
-                      "the method); batched / workers: end to end with each view path (README, Views).\n\n"
-                      + "\n".join(lines))
+        write_section(args.markdown, "throughput", "\n".join([
+            f"## Throughput and memory: {args.dataset} images", "",
+            f"Measured {datetime.date.today()} by `{command}`. Images/s: the median step rate after the warm-up "
+            "steps, the best of the repeats; model: every step on one batch of views made before the run (the limit "
+            "of this machine for the method); batched / workers: end to end with each view path (README, Views).",
+            "", *lines]), part=args.dataset)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"settings": vars(args), "machine": machine, "results": results, "views_per_s_one_thread":

@@ -53,3 +53,4 @@ def test_the_benchmark_writes_its_tables(tmp_path):
     assert row["batched"] > 0 and row["batched_peak_mb"] > 100  # torch alone takes more
     text = (tmp_path / "b.md").read_text()
     assert "python bench/throughput.py --methods simclr" in text and "| simclr | " in text and "peak RSS" in text
+    assert "<!-- throughput (synthetic): written by bench/throughput.py -->" in text  # one section a data set
