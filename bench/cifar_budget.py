@@ -108,7 +108,7 @@ def measure(name, args, machine):
 
 
 def table_row(r):
-    cells = [f"{r[what][0]:.2f} / {r[what][1]:.2f}" for what in ("knn", "linear")]
+    cells = [f"{r[what][0]:.2f} / {r[what][1]:.2f}" if r[what] else "-" for what in ("knn", "linear")]
     loss = f"{r['loss'][0]:.3f} -> {r['loss'][1]:.3f}" if r["loss"] else "-"
     flags = f"`{shlex.join(r['flags'])}`" if r["flags"] else "-"
     return (f"| {r['run']} | {cells[0]} | {cells[1]} | {r['s_per_epoch'] or '-'} | {loss} | {flags} | "
@@ -120,11 +120,16 @@ def keep(path, row):
     others) and returns them all."""
     kept = {}
     if os.path.exists(path):
-        with open(path) as f:
-            kept = {r["run"]: r for r in json.load(f)}
+        try:
+            with open(path) as f:
+                kept = {r["run"]: r for r in json.load(f)}
+        except (ValueError, TypeError, KeyError) as error:
+            raise SystemExit(f"error: {path} is not a list of this script's rows ({error!r}); fix or move it, then "
+                             "run the same command again (the finished runs are not redone)")
     kept[row["run"]] = row
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:  # written whole, then put in place: a stop never leaves half a file
         json.dump(list(kept.values()), f, indent=1)
+    os.replace(path + ".tmp", path)
     return list(kept.values())
 
 

@@ -138,3 +138,7 @@ def test_the_cifar_budget_keeps_each_finished_runs_row_with_earlier_ones(tmp_pat
     assert "<!-- cifar_budget: written by bench/cifar_budget.py -->" in text
     assert ("Written by `python bench/cifar_budget.py --methods simclr --data cifar --json kept.json --markdown "
             "docs/bench.md`, with the rows of earlier invocations kept in `kept.json`") in text
+    (tmp_path / "kept.json").write_text('{"not": "rows"')  # a broken file: a one-line error, the file untouched
+    with pytest.raises(SystemExit, match="kept.json is not a list of this script's rows"):
+        budget.main(["--methods", "simclr", "--data", "cifar", "--json", "kept.json"])
+    assert (tmp_path / "kept.json").read_text() == '{"not": "rows"'
