@@ -54,7 +54,7 @@ class Config:
     k: int = 200  # neighbours that vote
     temperature: float = 0.07  # T of the vote weights exp(cos / T)
     batch_size: int = 256  # images per forward pass, per rank
-    precision: str = "auto"  # auto (bf16 where native, else fp16) | bf16 | fp16 (GPU only) | fp32 of the forward pass
+    precision: str = "auto"  # auto (bf16 where native, else fp16 on GPU, fp32 on CPU) | bf16 | fp16 (GPU) | fp32
     # output
     out: str = ""  # JSON file (empty = <checkpoint without extension>_knn_<dataset>.json)
 
@@ -71,7 +71,7 @@ def main(cfg):
     if cfg.k < 1 or cfg.temperature <= 0 or cfg.batch_size < 1 or cfg.dist_timeout <= 0:
         raise UsageError("--k, --batch_size and --dist_timeout must be positive, --temperature above 0")
     rank, world_size, device = init_distributed(cfg.dist_timeout)
-    precision = resolve_precision(cfg.precision, device)
+    precision, why = resolve_precision(cfg.precision, device, rank == 0)
     backbone, _, args, trained = load_backbone(cfg.checkpoint, cfg.arch, cfg.image_size, cfg.cifar_stem,
                                                cfg.patch_size)
     dataset = cfg.dataset or trained.get("dataset")
@@ -93,10 +93,9 @@ def main(cfg):
         print(f"kNN (k={cfg.k}{capped}, T={cfg.temperature}) on {dataset}: top-1 {top1:.2f}%  "
               f"top-5 {top5:.2f}%  ({len(bank)} train, {len(queries)} val images) -> {out}")
         write_json({"top1": top1, "top5": top5, "k": cfg.k, "k_used": k_used, "temperature": cfg.temperature,
-                    "dataset": dataset,
-                    "checkpoint": cfg.checkpoint, "num_train": len(bank), "num_val": len(queries),
-                    "data_dir": data_dir, "backbone_args": args, "precision": precision,
-                    "world_size": world_size, "seed": cfg.seed}, out)
+                    "dataset": dataset, "checkpoint": cfg.checkpoint, "num_train": len(bank),
+                    "num_val": len(queries), "data_dir": data_dir, "backbone_args": args, "precision": precision,
+                    "precision_reason": why, "world_size": world_size, "seed": cfg.seed}, out)
     close_distributed()
 
 

@@ -77,7 +77,7 @@ class Config:
     lr: float = 0.1  # per 256 images: the peak lr is lr x global_batch / 256, then a per-step cosine to 0
     momentum: float = 0.9  # SGD / LARS momentum
     weight_decay: float = 0.0  # on the head's weight (not its bias)
-    precision: str = "auto"  # auto (bf16 where native, else fp16) | bf16 | fp16 (GPU) | fp32 of the trunk (head: fp32)
+    precision: str = "auto"  # trunk: auto (bf16 where native, else fp16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
     seed: int = 0  # subsets, head init, data order and augmentations
     # output
     out: str = ""  # JSON file (empty = <checkpoint without extension>_linear_<dataset>.json)
@@ -184,7 +184,7 @@ def main(cfg):
         raise UsageError(f"resume must be auto or false, got {cfg.resume!r}")
     rank, world_size, device = init_distributed(cfg.dist_timeout)
     is_main = rank == 0
-    precision = resolve_precision(cfg.precision, device)
+    precision, why = resolve_precision(cfg.precision, device, is_main)
     backbone, width, args, trained = load_backbone(cfg.checkpoint, cfg.arch, cfg.image_size, cfg.cifar_stem,
                                                    cfg.patch_size)
     backbone = backbone.to(device).eval().requires_grad_(False)  # frozen: running BN statistics, no grad
@@ -289,7 +289,7 @@ def main(cfg):
                     "cache_features": cfg.cache_features, "train_loss": train_loss, "dataset": dataset,
                     "checkpoint": cfg.checkpoint, "num_train": len(train_images), "num_val": len(val_set),
                     "num_classes": num_classes, "data_dir": data_dir, "backbone_args": args,
-                    "precision": precision, "seed": cfg.seed}, out)
+                    "precision": precision, "precision_reason": why, "seed": cfg.seed}, out)
         os.remove(state_path)  # done: nothing to resume
     close_distributed()
 

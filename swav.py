@@ -117,7 +117,7 @@ class Config:
     momentum: float = 0.9  # SGD / LARS momentum
     lars_eta: float = 0.02  # LARS trust coefficient
     lars_clip: bool = True  # LARC-style clipping: the adapted lr never exceeds the scheduled lr
-    precision: str = "auto"  # auto (bf16 where native, else fp16) | bf16 | fp16 (GPU, with a GradScaler) | fp32
+    precision: str = "auto"  # auto (bf16 where native, else fp16 on GPU, fp32 on CPU) | bf16 | fp16 (GPU) | fp32
     channels_last: bool = True  # NHWC memory format (faster convolutions with mixed precision)
     compile: bool = False  # torch.compile the model
     seed: int = 0  # model init, data order and augmentations
@@ -392,7 +392,7 @@ def train(cfg):
     is_main = rank == 0
     check_run(cfg)  # settings and run folder, before anything is loaded or written
     queue_size = check_swav(cfg, world_size, is_main)
-    precision = resolve_precision(cfg.precision, device)  # "bf16" | "fp16" | "fp32"
+    precision, why = resolve_precision(cfg.precision, device, is_main)  # "bf16" | "fp16" | "fp32", and why
     torch.manual_seed(cfg.seed)
 
     # ---- data ----
@@ -425,7 +425,7 @@ def train(cfg):
     log, metrics = MetricLog(cfg.out_dir, is_main), StepMetrics(cfg.out_dir, precision, cfg.skip_nonfinite)
     checkpointer = Checkpointer(cfg, schedule, model, optimizer, scaler, metrics, device, rank, world_size)
     step = checkpointer.resume()  # from the newest intact checkpoint in out_dir (see cfg.resume); 0: a new run
-    write_run_config(cfg, is_main, precision=precision, **schedule)
+    write_run_config(cfg, is_main, precision=precision, precision_reason=why, **schedule)
     ddp_model = DDP(model) if world_size > 1 else model
     if cfg.compile:
         ddp_model = torch.compile(ddp_model)

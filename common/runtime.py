@@ -10,6 +10,7 @@ import errno
 import json
 import math
 import os
+import platform
 import random
 import re
 import shutil
@@ -57,17 +58,50 @@ def close_distributed():
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
-def resolve_precision(precision, device):
-    """The precision a run computes in: `auto` is bf16 where the device has it natively (CPUs; NVIDIA A100,
-    H100 and later), else fp16 with a GradScaler (V100, T4, where bf16 would be emulated and slow)."""
+def cpu_bf16_support():
+    """(native, what): whether this CPU computes bf16 natively, and the capability that says so. x86 needs
+    AVX512-BF16 or AMX (AVX2-only and plain AVX512 parts emulate bf16 autocast, about 30x slower than fp32 for a
+    ResNet); ARM needs the BF16 instructions (ARMv8.6: Graviton3, Apple M2 and later)."""
+    capability = torch.backends.cpu.get_cpu_capability()  # the SIMD level torch's own kernels use
+    if platform.machine().lower() in ("arm64", "aarch64"):
+        try:
+            native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # asks cpuinfo for ARM's BF16 extension
+        except (AttributeError, RuntimeError):  # a build without oneDNN
+            native = False
+        return native, f"ARM {capability}, {'with' if native else 'without'} BF16 instructions"
+    for native, what in ((torch.cpu._is_amx_tile_supported(), "AMX"),
+                         (torch.cpu._is_avx512_bf16_supported(), "AVX512-BF16")):
+        if native:
+            return True, f"{capability} with {what}"
+    return False, f"{capability} without AVX512-BF16 or AMX"
+
+
+def resolve_precision(precision, device, is_main=True):
+    """The precision a run computes in, and why. `auto`: bf16 where the device computes it natively (NVIDIA A100,
+    H100 and later; CPUs with AVX512-BF16, AMX or ARM's BF16), else fp16 with a GradScaler on a GPU (V100, T4)
+    and fp32 on a CPU (where bf16 is emulated and many times slower). The main process prints the choice once;
+    a bf16 forced on a CPU without it runs, with a warning."""
     if precision not in PRECISIONS:
         raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision == "auto":
-        native_bf16 = device.type != "cuda" or torch.cuda.is_bf16_supported(including_emulation=False)
-        return "bf16" if native_bf16 else "fp16"
     if precision == "fp16" and device.type != "cuda":
-        raise UsageError("fp16 needs a GPU (its GradScaler is CUDA-only); use --precision bf16 or auto on CPU")
-    return precision
+        raise UsageError("fp16 needs a GPU (its GradScaler is CUDA-only); use --precision auto, bf16 or fp32 on CPU")
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+        hardware = f"this GPU {'computes' if native else 'does not compute'} bf16 natively"
+    else:
+        native, capability = cpu_bf16_support()
+        hardware = f"this CPU ({capability}) {'computes' if native else 'does not compute'} bf16 natively"
+    if precision == "auto":
+        chosen = "bf16" if native else "fp16" if device.type == "cuda" else "fp32"
+        reason = f"auto: {hardware}"
+    else:
+        chosen, reason = precision, f"asked for: {hardware}"
+    if is_main:
+        print(f"precision: {chosen} ({reason})", flush=True)
+        if chosen == "bf16" and not native:
+            print(f"warning: precision bf16 on a device without native bf16 ({hardware}): it is emulated, many "
+                  "times slower than fp32; use --precision auto", file=sys.stderr, flush=True)
+    return chosen, reason
 
 
 def autocast(device, precision):

@@ -54,6 +54,17 @@ def assert_ok(result):
                                     f"stderr:\n{result.stderr[-3000:]}")
 
 
+def fake_cpu(monkeypatch, machine="x86_64", amx=False, avx512_bf16=False, arm_bf16=False, capability="AVX2"):
+    """What resolve_precision asks torch about this CPU, answered as a CPU of that kind would."""
+    import torch
+
+    monkeypatch.setattr("common.runtime.platform.machine", lambda: machine)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: arm_bf16)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+
+
 @dataclass
 class RunConfig:
     """The run settings common/runtime.py reads from a method script's Config."""

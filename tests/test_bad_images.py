@@ -67,6 +67,7 @@ def test_skip_gives_the_next_image_with_its_label(tree, capsys):
                         "next image instead"]  # once per path
 
 
+@pytest.mark.quick
 def test_no_readable_image_at_all_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "photos").mkdir()
     for i in range(3):
@@ -96,6 +97,7 @@ def _run(tmp_path, tree, *extra):
                       timeout=120)
 
 
+@pytest.mark.quick
 def test_simclr_stops_on_a_bad_image_in_one_line(tmp_path, tree):
     """The image is read in a DataLoader worker: one `error:` line, no worker traceback, and the run ends."""
     result = _run(tmp_path, tree)

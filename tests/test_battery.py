@@ -30,8 +30,8 @@ from PIL import Image
 
 from battery import TRAINED_ARGS, case_of, quick_args, run_ranks
 from common.config import load_config, parse_config, usage_errors
-from common.runtime import StepMetrics
-from helpers import REPO, assert_clean_error, assert_one_line_error, read_jsonl, run_script
+from common.runtime import StepMetrics, resolve_precision
+from helpers import REPO, assert_clean_error, assert_one_line_error, fake_cpu, read_jsonl, run_script
 
 # every tests/case_<method>.py is a method of the battery; SimCLR first, the reference of the shared parts
 METHODS = sorted((p.stem[len("case_"):] for p in Path(__file__).parent.glob("case_*.py")),
@@ -43,6 +43,7 @@ def metrics_of(run):
 
 
 # ---- (1) the loss against the paper's formula ----
+@pytest.mark.quick
 @pytest.mark.parametrize("method", METHODS)
 def test_loss_matches_per_sample_formula(method):
     case, module = case_of(method), importlib.import_module(method)
@@ -83,6 +84,7 @@ def test_distributed_equals_single_process(method):
 
 
 # ---- (3) end to end, one process and torchrun (the runs: conftest.py) ----
+@pytest.mark.quick
 @pytest.mark.parametrize("method", METHODS)
 def test_end_to_end_one_process(method, trained):
     out = trained[method]
@@ -95,7 +97,10 @@ def test_end_to_end_one_process(method, trained):
     assert ckpt["schedule"] == {"world_size": 1, "global_batch": 16, "steps_per_epoch": 4, "total_steps": 8,
                                 "peak_lr": ckpt["config"]["lr"] * 16 / 256}
     lines = metrics_of(out)
-    assert lines[0]["event"] == "config" and lines[0]["global_batch"] == 16 and lines[0]["precision"] == "bf16"
+    assert lines[0]["event"] == "config" and lines[0]["global_batch"] == 16
+    # precision auto: what this CPU computes natively (bf16 with AVX512-BF16, AMX or ARM's BF16; else fp32)
+    precision, reason = resolve_precision("auto", torch.device("cpu"), is_main=False)
+    assert (lines[0]["precision"], lines[0]["precision_reason"]) == (precision, reason)
     losses = [line["train/epoch_loss"] for line in lines if "train/epoch_loss" in line]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
     knn = [line for line in lines if "eval/knn_top1" in line]  # the online monitor ran once, at epoch 2
@@ -104,6 +109,22 @@ def test_end_to_end_one_process(method, trained):
     from common.backbones import build_backbone
     trunk, _ = build_backbone(**ckpt["backbone_args"])
     trunk.load_state_dict(ckpt["backbone"], strict=True)
+
+
+@pytest.mark.quick
+def test_default_precision_on_a_cpu_without_native_bf16_is_fp32(monkeypatch, tmp_path, capsys):
+    """precision auto on an AVX2-only CPU (its capability check answered so): the run computes in fp32, says why
+    once at start-up and writes it to config.json (the choice itself: test_common)."""
+    fake_cpu(monkeypatch, capability="AVX2")
+    autocasts = []
+    module = importlib.import_module("simclr")
+    monkeypatch.setattr(module, "autocast", lambda device, precision: autocasts.append(precision) or
+                        torch.autocast("cpu", enabled=False))
+    module.train(load_config(module.Config, quick_args("simclr", tmp_path, "--subset", "32", epochs=1)[1:]))
+    config = json.loads((tmp_path / "config.json").read_text())
+    reason = "auto: this CPU (AVX2 without AVX512-BF16 or AMX) does not compute bf16 natively"
+    assert (config["precision"], config["precision_reason"]) == ("fp32", reason) and config["steps_per_epoch"] == 2
+    assert autocasts == ["fp32", "fp32"] and capsys.readouterr().out.count(f"precision: fp32 ({reason})") == 1
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -254,8 +275,8 @@ def _files(*folders):
 # every scenario on SimCLR; on the other methods, the two whose checks depend on the script's own Config (the
 # rest run the same common/ code in every script, and each costs a start of a script: the suite's time budget)
 PER_METHOD = ("unknown key", "existing run, other settings")
-BAD_INPUTS = [(method, scenario) for method in METHODS for scenario in BAD_INPUT
-              if method == "simclr" or scenario in PER_METHOD]
+BAD_INPUTS = [pytest.param(method, scenario, marks=[pytest.mark.quick] if method == "simclr" else [])
+              for method in METHODS for scenario in BAD_INPUT if method == "simclr" or scenario in PER_METHOD]
 
 
 def start_in_process(args):

@@ -10,8 +10,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from battery import run_ranks
-from helpers import RunConfig
+from helpers import REPO, RunConfig, assert_one_line_error, fake_cpu, run_script
 
+from common import MIN_TORCH, MIN_TORCHVISION
 from common.augment import eval_transform, multi_crop, two_views
 from common.backbones import ARCHS, RESNETS, apply_cifar_stem, backbone_args, build_backbone
 from common.config import ConfigError, UsageError, load_config, usage
@@ -49,6 +50,7 @@ def test_config_key_equals_value_as_hydra_style_repositories_take_it(tmp_path):
     assert load_config(Demo, ["--flag", "epochs=3"]) == Demo(flag=True, epochs=3)  # a bare flag, then key=value
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("argv, message", [
     (["--lrr", "1"], "unknown config key 'lrr' on the command line (did you mean 'lr'?). Valid keys: lr, epochs"),
     (["--epochs", "1.5"], "'epochs' expects int, got 1.5"),
@@ -66,6 +68,7 @@ def test_config_errors_name_the_problem(argv, message):
     assert message in str(e.value)
 
 
+@pytest.mark.quick
 def test_config_file_errors(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("epoch: 3\n")
@@ -131,6 +134,7 @@ def test_zero_init_residual_starts_every_block_at_the_identity(arch, last_bn):
         build_backbone(**backbone_args("vit_tiny", 32, patch_size=8), zero_init_residual=True)
 
 
+@pytest.mark.quick
 def test_backbone_args_resolve_and_reject():
     assert backbone_args("resnet50", 224, "auto")["cifar_stem"] is False
     assert backbone_args("resnet50", 64, "auto")["cifar_stem"] is True
@@ -176,6 +180,7 @@ def test_folder_without_classes_is_unlabeled(tmp_path):
         build_dataset("folder", str(tmp_path / "photos"), "val")
 
 
+@pytest.mark.quick
 def test_missing_and_empty_data_are_clear_errors(tmp_path):
     with pytest.raises(UsageError, match="not found in .*nowhere.*--data_dir"):
         build_dataset("folder", str(tmp_path / "nowhere"), "pretrain")
@@ -188,6 +193,7 @@ def test_missing_and_empty_data_are_clear_errors(tmp_path):
         build_dataset("imagenet1k", str(tmp_path), "pretrain")
 
 
+@pytest.mark.quick
 def test_download_without_a_network_is_one_line(tmp_path, monkeypatch):
     from urllib.error import URLError
 
@@ -302,6 +308,7 @@ def test_knn_predict_matches_a_direct_vote():
     assert topk_correct(torch.tensor([[0.1, 0.9, 0.0], [0.5, 0.2, 0.3]]), torch.tensor([1, 2]), (1, 2)) == [1, 2]
 
 
+@pytest.mark.quick
 def test_checkpoint_roundtrip_and_corruption(tmp_path):
     torch.manual_seed(5)
     states = rng_states(torch.device("cpu"))
@@ -333,14 +340,55 @@ def test_rng_restores_this_ranks_gpu_only(monkeypatch):
     assert [int(state[0]) for state, _ in calls] == [0, 1] and all(d == torch.device("cuda", 0) for _, d in calls)
 
 
-def test_precision_auto_and_checks(monkeypatch):
+@pytest.mark.quick
+def test_below_the_torch_floor_a_script_stops_in_one_line():
+    for package, version in (("torch", "2.5.1+cu124"), ("torchvision", "0.20.1")):
+        older = (f"import {package}, runpy, sys; {package}.__version__ = {version!r}; sys.argv = ['simclr.py']; "
+                 "runpy.run_path('simclr.py', run_name='__main__')")
+        assert_one_line_error(run_script(["-c", older]), f"this code needs {package} >= ")
+    requirements = (REPO / "requirements.txt").read_text().split()
+    assert f"torch>={MIN_TORCH}" in requirements and f"torchvision>={MIN_TORCHVISION}" in requirements
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("cpu, expected", [
+    (dict(capability="AVX2"), ("fp32", "AVX2 without AVX512-BF16 or AMX")),  # older EPYC / Ryzen, most laptops
+    (dict(capability="AVX512"), ("fp32", "AVX512 without AVX512-BF16 or AMX")),  # Skylake-SP, Cascade Lake
+    (dict(capability="AVX512", avx512_bf16=True), ("bf16", "AVX512 with AVX512-BF16")),  # Cooper Lake, Zen 4
+    (dict(capability="AVX512", avx512_bf16=True, amx=True), ("bf16", "AVX512 with AMX")),  # Sapphire Rapids
+    (dict(machine="aarch64", capability="SVE256", arm_bf16=True), ("bf16", "ARM SVE256, with BF16 instructions")),
+    (dict(machine="arm64", capability="DEFAULT"), ("fp32", "ARM DEFAULT, without BF16 instructions")),  # Apple M1
+])
+def test_precision_auto_on_a_cpu_is_bf16_only_where_it_is_native(monkeypatch, capsys, cpu, expected):
+    fake_cpu(monkeypatch, **cpu)
+    precision, reason = resolve_precision("auto", torch.device("cpu"))
+    assert precision == expected[0] and expected[1] in reason and reason.startswith("auto: ")
+    out, err = capsys.readouterr()
+    assert out == f"precision: {precision} ({reason})\n" and err == ""  # printed once, by the main process
+    resolve_precision("auto", torch.device("cpu"), is_main=False)
+    assert capsys.readouterr() == ("", "")
+
+
+@pytest.mark.quick
+def test_precision_bf16_forced_on_a_cpu_without_it_runs_with_a_warning(monkeypatch, capsys):
+    fake_cpu(monkeypatch, capability="AVX2")
+    assert resolve_precision("bf16", torch.device("cpu"))[0] == "bf16"
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: precision bf16") and "emulated" in err[0]
+    fake_cpu(monkeypatch, capability="AVX512", avx512_bf16=True)
+    assert resolve_precision("bf16", torch.device("cpu")) == ("bf16", "asked for: this CPU (AVX512 with "
+                                                                      "AVX512-BF16) computes bf16 natively")
+    assert resolve_precision("fp32", torch.device("cpu"))[0] == "fp32" and capsys.readouterr().err == ""
+
+
+@pytest.mark.quick
+def test_precision_auto_on_a_gpu_and_bad_values(monkeypatch):
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
-    assert resolve_precision("auto", cpu) == "bf16"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: not including_emulation)
-    assert resolve_precision("auto", gpu) == "bf16"  # native bf16 (A100, H100)
+    assert resolve_precision("auto", gpu)[0] == "bf16"  # native bf16 (A100, H100)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
-    assert resolve_precision("auto", gpu) == "fp16"  # emulated only (V100, T4): fp16 with a GradScaler
-    assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", gpu) == "bf16"
+    assert resolve_precision("auto", gpu)[0] == "fp16"  # emulated only (V100, T4): fp16 with a GradScaler
+    assert resolve_precision("fp16", gpu)[0] == "fp16" and resolve_precision("bf16", gpu)[0] == "bf16"
     with pytest.raises(UsageError, match="fp16 needs a GPU"):
         resolve_precision("fp16", cpu)
     with pytest.raises(UsageError, match="precision must be one of auto, bf16, fp16, fp32, got 'half'"):
@@ -412,6 +460,7 @@ def test_resumed_optimizer_keeps_this_runs_settings():
         load_state(two_groups, saved.state_dict(), "last.pt")
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("key, value, message", [
     ("log_every", 0, "log_every must be at least 1, got 0"),
     ("snapshot_every", 0, "snapshot_every must be at least 1, got 0"),
@@ -430,6 +479,7 @@ def test_run_settings_are_checked_before_anything_runs(tmp_path, key, value, mes
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.quick
 def test_knn_monitor_checks_its_splits_when_it_is_made(tmp_path):
     """A folder of images without class sub-folders can be pre-trained on, but the kNN monitor needs labels:
     the monitor says so when it is made, at start-up (the battery runs the train/-without-val/ case)."""

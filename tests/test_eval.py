@@ -6,6 +6,7 @@ import random
 import pytest
 import torch
 
+from common.runtime import resolve_precision
 from helpers import assert_ok, assert_one_line_error, run_script, run_torchrun
 
 # small fixed subsets keep every run a few seconds; k=20 because with k >= the bank size (100) every class
@@ -93,11 +94,12 @@ def test_linear_cached_features(linear_cached):
 def test_linear_augmented_one_epoch(checkpoint, tmp_path):
     out = tmp_path / "linear.json"
     proc = run_script(["linear_eval.py", *DATA, "--checkpoint", checkpoint, "--epochs", "1", "--batch_size",
-                       "32", "--out", out])  # default precision (bf16)
+                       "32", "--out", out])  # default precision (auto)
     assert_ok(proc)
     result = read_json(out)
     assert_sane(result)
-    assert result["cache_features"] is False and result["precision"] == "bf16"
+    auto = resolve_precision("auto", torch.device("cpu"), is_main=False)  # bf16 where this CPU has it, else fp32
+    assert result["cache_features"] is False and (result["precision"], result["precision_reason"]) == auto
     assert result["train_loss"] > 0
 
 
@@ -113,6 +115,7 @@ def test_linear_torchrun_matches_single_process(linear_cached, checkpoint, tmp_p
 
 
 # ---- usage errors ----
+@pytest.mark.quick
 @pytest.mark.parametrize("script", ["knn_eval.py", "linear_eval.py"])
 def test_corrupt_checkpoint(script, tmp_path):
     bad = tmp_path / "bad.pt"
@@ -120,6 +123,7 @@ def test_corrupt_checkpoint(script, tmp_path):
     assert_one_line_error(run_script([script, "--checkpoint", bad, *DATA]), str(bad))
 
 
+@pytest.mark.quick
 def test_missing_checkpoint(tmp_path):
     assert_one_line_error(run_script(["knn_eval.py", "--checkpoint", tmp_path / "nope.pt", *DATA]),
                           "does not exist")

@@ -152,6 +152,7 @@ def test_a_corrupt_last_checkpoint_falls_back_to_the_newest_intact_one(tmp_path,
         make_run(tmp_path)[0].resume()
 
 
+@pytest.mark.quick
 def test_a_checkpoint_of_another_method_or_backbone_is_named(tmp_path):
     checkpointer, model = make_run(tmp_path)
     train_steps(checkpointer, model, 1, 4)
@@ -189,6 +190,7 @@ def test_resume_modes(tmp_path, capsys):
     assert "resuming with changed settings: lr: 0.1 -> 0.2" in capsys.readouterr().out
 
 
+@pytest.mark.quick
 def test_an_unwritable_run_folder_is_found_before_training(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(UsageError, match="cannot write the run folder .*file/run .*; choose another --out_dir"):
@@ -261,6 +263,7 @@ def test_metrics_of_steps_after_the_checkpoint_are_dropped_on_resume(tmp_path):
 
 
 # ---- non-finite steps ----
+@pytest.mark.quick
 def test_a_non_finite_gradient_stops_the_run_naming_the_step_and_the_last_finite_loss():
     metrics = StepMetrics("runs/x")
     for loss, norm in [(2.0, 1.0), (1.5, 1.0), (1.4, float("inf")), (float("nan"), float("nan"))]:

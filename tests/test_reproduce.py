@@ -51,6 +51,7 @@ def test_every_method_pretrains_then_is_evaluated_with_valid_settings(suite, gpu
         assert (probes["simsiam"].optimizer, probes["simsiam"].batch_size * gpus) == ("lars", 4096)
 
 
+@pytest.mark.quick
 def test_bad_requests_are_one_line_errors():
     assert_one_line_error(run_script(["scripts/reproduce.py", "cifar10", "--dry-run", "nosuch"]),
                           "no run named nosuch in cifar10")

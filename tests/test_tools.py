@@ -2,6 +2,8 @@
 bench/throughput.py: a tiny run writes its tables (a benchmark, so nothing here asserts a speed)."""
 import json
 
+import pytest
+
 from helpers import assert_ok, assert_one_line_error, run_script
 from tools.plot_metrics import panel_order, read_metrics
 
@@ -33,6 +35,7 @@ def test_a_resumed_log_keeps_the_later_value_of_a_step(tmp_path):
     assert read_metrics(tmp_path) == {"train/loss": ([10, 20], [4.5, 3.9])}  # the torn last line is ignored
 
 
+@pytest.mark.quick
 def test_errors_are_one_line(tmp_path):
     assert_one_line_error(run_script(["tools/plot_metrics.py", tmp_path / "none"]), "no metrics.jsonl at")
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"event": "config"}) + "\n")
