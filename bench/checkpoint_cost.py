@@ -11,7 +11,6 @@ stop-signal agreement between two gloo processes (the `due()` all_reduce). Numbe
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -25,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import simclr  # noqa: E402 (after the path set-up)
 from common.config import load_config  # noqa: E402
 from common.runtime import Checkpointer, StepMetrics  # noqa: E402
+from machine import machine  # noqa: E402 (bench/machine.py)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -99,8 +99,7 @@ def main():
                       "checkpoint_MB": round(size_mb, 1), "save_s": round(save_s, 3), "resume_s": round(resume_s, 3),
                       "grad_norm_per_step_ms_cpu": round(grad_norm_ms, 2),
                       "signal_agreement_per_step_us_2_gloo_ranks": round(agreement_us, 1),
-                      "host": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-                      "torch": torch.__version__, "folder": args.out_dir or tempfile.gettempdir()}, indent=2))
+                      "host": machine(), "folder": args.out_dir or tempfile.gettempdir()}, indent=2))
 
 
 if __name__ == "__main__":

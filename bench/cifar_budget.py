@@ -1,6 +1,6 @@
 """What each method learns at one small budget on real images: every method script pre-trained on the same
 10,000-image subset of the JPEG CIFAR-10 copy in ../shared/data (ResNet-18 with the ImageNet stem at 32 px,
-batch 256, bf16, 20 epochs = 780 steps by default), then knn_eval.py (k 200, T 0.1, the 45k train images as
+batch 256, precision auto: bf16 where the CPU computes it natively, else fp32; 20 epochs = 780 steps by default), then knn_eval.py (k 200, T 0.1, the 45k train images as
 the bank, the 5k val images as queries) and a short linear probe (linear_eval.py on cached features), beside
 the same evaluations of a randomly initialised trunk (the floor). SimCLR runs with two seeds, to show the noise.
 
@@ -27,7 +27,7 @@ import subprocess
 import sys
 
 from docs_section import write_section  # bench/docs_section.py
-from throughput import cpu_name  # bench/throughput.py
+from machine import machine  # bench/machine.py
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SGD = ["--optimizer", "sgd", "--lr", "0.12", "--warmup_epochs", "0", "--weight_decay", "5e-4"]
@@ -89,11 +89,13 @@ def _read(path, *keys):
         return None
 
 
-def measure(name, args, machine):
+def measure(name, args, where):
     """One finished run's numbers: the evaluations, seconds per epoch, the loss of its first and last epochs, its
-    flags and commands, the machine and the date."""
+    flags and commands, the precision it computed in, the machine and the date."""
     folder = os.path.join(args.out, name)
     found = {what: _read(os.path.join(folder, f"{what}.json"), "top1", "top5") for what in ("knn", "linear")}
+    precision = _read(os.path.join(folder, "config.json"), "precision") or _read(
+        os.path.join(folder, "knn.json"), "precision")  # the pre-training's; the floor has only evaluations
     epochs = []
     if os.path.exists(os.path.join(folder, "metrics.jsonl")):
         with open(os.path.join(folder, "metrics.jsonl")) as f:
@@ -103,7 +105,8 @@ def measure(name, args, machine):
             "loss": [epochs[0]["train/epoch_loss"], epochs[-1]["train/epoch_loss"]] if epochs else None,
             "epochs": args.epochs, "subset": args.subset, "linear_epochs": args.linear_epochs,
             "flags": FLAGS[name][1] if name in FLAGS else [],
-            "commands": [shlex.join(command) for _, command, _ in commands(name, args)], "machine": machine,
+            "commands": [shlex.join(command) for _, command, _ in commands(name, args)],
+            "precision": precision[0] if precision else None, "machine": where,
             "date": str(datetime.date.today())}
 
 
@@ -139,9 +142,10 @@ def table(rows, args):
     rows = sorted(rows, key=lambda r: order.index(r["run"]) if r["run"] in order else len(order))
     budgets = sorted({f"{r['epochs']} epochs on {r['subset']} images" for r in rows if r["run"] != "floor"})
     probes = sorted({str(r["linear_epochs"]) for r in rows})
-    machines = sorted({r["machine"] for r in rows})
-    return [f"Pre-training: {', '.join(budgets) or '-'} (ResNet-18, ImageNet stem, 32 px, batch 256, bf16, views "
-            f"batched); kNN k 200, T 0.1; linear probe {' or '.join(probes)} epochs on cached features. "
+    machines = sorted({f"{r['machine']}, computing in {r.get('precision') or 'an unrecorded precision'}"
+                       for r in rows})
+    return [f"Pre-training: {', '.join(budgets) or '-'} (ResNet-18, ImageNet stem, 32 px, batch 256, precision auto, "
+            f"views batched); kNN k 200, T 0.1; linear probe {' or '.join(probes)} epochs on cached features. "
             f"Machine: {'; '.join(machines)}.", "",
             "| run | kNN top-1 / top-5 (%) | linear top-1 / top-5 (%) | s / epoch | loss, first -> last epoch | "
             "flags | measured |", "|---|---|---|---|---|---|---|", *map(table_row, rows)]
@@ -188,10 +192,9 @@ def main(argv=None):
             raise SystemExit(f"error: no CIFAR-10 tree at {args.data} and no archive at {archive}; pass --data")
         os.makedirs(os.path.dirname(os.path.abspath(args.data)), exist_ok=True)
         subprocess.run(["tar", "-xzf", archive, "-C", os.path.dirname(os.path.abspath(args.data))], check=True)
-    machine = ""
+    where = ""
     if not args.dry_run:
-        import torch
-        machine = f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}"
+        where = machine()
     rows = []
     for name in ["floor", *args.methods]:
         for what, command, writes in commands(name, args):
@@ -202,7 +205,7 @@ def main(argv=None):
                 raise SystemExit(f"error: {name}'s {what} failed (above); run the same command again to resume")
         if args.dry_run:
             continue
-        rows.append(measure(name, args, machine))  # written after every run: a stopped session keeps its rows
+        rows.append(measure(name, args, where))  # written after every run: a stopped session keeps its rows
         shown = keep(args.json, rows[-1]) if args.json else rows  # --json: with earlier invocations' rows
         if args.markdown:
             write_markdown(args, shown, argv)

@@ -15,20 +15,21 @@ command, e.g. docs/benchmarks.md) with each end-to-end rate's share of the model
 training process (RSS on a CPU, max allocated on a GPU), then the views one CPU thread makes per second on each
 path (SimCLR's two views, SwAV's multi-crop). --methods all: every method script.
 A benchmark, not a test: nothing asserts a speed. Settings by default: ResNet-18 with the ImageNet stem at
-32 px, batch 256, bf16 (the setting of methods.md's CPU measurements); SwAV and DINO with their 2 global and 6
+32 px, batch 256, precision auto (bf16 where the CPU computes it natively, else fp32: the tables name which, and the
+CPU's capability); SwAV and DINO with their 2 global and 6
 local crops, the local ones of --local_size px (18: SwAV's CIFAR size; DINO's 16 px would give the ImageNet stem
 the 1 x 1 inputs whose bf16 gradient is wrong on a CPU, README's CPU pitfall)."""
 import argparse
 import itertools
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 
 from docs_section import write_section  # bench/docs_section.py
+from machine import machine  # bench/machine.py
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ("model", "batched", "workers")
@@ -117,14 +118,6 @@ def view_rates(dataset, data_dir, image_size, local_size, images=256, repeats=3)
     return rows
 
 
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
 def images_per_s(out_dir, global_batch, warmup_steps):
     """The median step rate after warmup_steps, from the times of metrics.jsonl's per-step lines."""
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
@@ -146,7 +139,8 @@ def main():
     parser.add_argument("--image_size", type=int, default=32)
     parser.add_argument("--cifar_stem", default="false")
     parser.add_argument("--batch_size", type=int, default=256)
-    parser.add_argument("--precision", default="bf16")
+    parser.add_argument("--precision", default="auto", help="the scripts' own: auto is bf16 where the device "
+                        "computes it natively, else fp32 on a CPU (fp16 on a GPU)")
     parser.add_argument("--num_workers", type=int, default=2)
     parser.add_argument("--local_size", type=int, default=18, help="SwAV's and DINO's local crops (px)")
     parser.add_argument("--steps", type=int, default=12, help="steps timed per run, after the warm-up")
@@ -163,6 +157,7 @@ def main():
     images = steps * args.batch_size if args.dataset != "synthetic" else min(1024, steps * args.batch_size)
     epochs = -(-steps * args.batch_size // images)  # enough epochs for `steps` steps
     rows = {method: {"method": method} for method in args.methods}
+    precisions = set()
     for repeat, method, mode in itertools.product(range(args.repeats), args.methods, args.modes):
         # the modes interleaved, each rate the best of its repeats: a noisy shared host slows all of them alike
         row = rows[method]
@@ -182,6 +177,8 @@ def main():
                 raise SystemExit(f"error: {method} ({mode}) failed:\n{done.stderr[-2000:]}")
             rate = round(images_per_s(out_dir, args.batch_size, args.warmup_steps), 1)
             row[mode] = max(row.get(mode, 0.0), rate)
+            with open(os.path.join(out_dir, "config.json")) as f:
+                precisions.add(json.load(f)["precision"])  # what the run computed in (auto resolved)
             with open(os.path.join(out_dir, "peak_memory.json")) as f:
                 peak = json.load(f)  # the training process's (loader workers have their own)
             key = "cuda_max_allocated_mb" if "cuda_max_allocated_mb" in peak else "rss_mb"
@@ -191,13 +188,13 @@ def main():
     results = list(rows.values())
 
     import torch
-    machine = f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}"
-    if torch.cuda.is_available():
-        machine = f"{torch.cuda.get_device_name()}; {machine}"
+    where, precision = machine(), "/".join(sorted(precisions))
+    if args.precision == "auto":
+        precision += " (precision auto)"
     memory = "max allocated on the GPU" if torch.cuda.is_available() else "peak RSS of the training process"
     lines = [f"{args.arch} at {args.image_size} px (SwAV, DINO: 2 global and 6 local crops of {args.local_size} px), "
-             f"batch {args.batch_size}, {args.precision}, {args.dataset}, "
-             f"{args.num_workers} loader workers; {machine}; best of {args.repeats}", "",
+             f"batch {args.batch_size}, {precision}, {args.dataset}, "
+             f"{args.num_workers} loader workers; {where}; best of {args.repeats}", "",
              "| method | " + " | ".join(f"{m} (images/s)" for m in args.modes)
              + f" | batched / model | workers / model | memory (MB, {memory}; batched, else workers, else model) |",
              "|---|" + "---|" * (len(args.modes) + 3)]
@@ -223,8 +220,9 @@ def main():
             "", *lines]), part=args.dataset)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"settings": vars(args), "machine": machine, "results": results, "views_per_s_one_thread":
-                       [dict(zip(("views", "per_image", "batched"), row)) for row in views]}, f, indent=1)
+            json.dump({"settings": vars(args), "precision": precision, "machine": where, "results": results,
+                       "views_per_s_one_thread": [dict(zip(("views", "per_image", "batched"), row)) for row in views]},
+                      f, indent=1)
 
 
 if __name__ == "__main__":
