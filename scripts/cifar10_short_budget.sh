@@ -3,7 +3,8 @@
 # JPEG CIFAR-10 copy (../shared/data), then compares its kNN top-1 (k 200, T 0.1, the 45k train images as the
 # bank, the 5k val images as queries) with the same kNN on a randomly initialised trunk: the floor.
 # The setting mirrors the peer measurement in ../shared/reference/methods.md (ResNet-18 with the ImageNet stem
-# at 32 px, batch 256, SGD, bf16): a correct contrastive method clears the floor within ~800 steps.
+# at 32 px, batch 256, SGD, bf16; precision auto computes in fp32 on a CPU without native bf16): a correct
+# contrastive method clears the floor within ~800 steps.
 # Usage: scripts/cifar10_short_budget.sh [METHOD [EPOCHS [extra training flags...]]]
 # (add --knn_every N --knn_temperature 0.1 to follow the same kNN every N epochs while it trains)
 set -euo pipefail
