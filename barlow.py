@@ -158,7 +158,7 @@ class SumOverRanks(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, same_on_every_rank):
         ctx.same_on_every_rank = same_on_every_rank
-        x = x.clone()
+        x = x.clone(memory_format=torch.contiguous_format)  # all_reduce works in place; NCCL: contiguous only
         dist.all_reduce(x)
         return x
 
@@ -166,7 +166,9 @@ class SumOverRanks(torch.autograd.Function):
     def backward(ctx, grad):
         if ctx.same_on_every_rank:
             return grad * dist.get_world_size(), None
-        grad = grad.clone()  # all_reduce works in place: never on autograd's own buffer
+        # a copy (all_reduce works in place, never on autograd's own buffer), contiguous: the gradient of a
+        # reshaped or transposed output has strides that NCCL rejects
+        grad = grad.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(grad)  # sum over ranks
         return grad, None
 
@@ -193,14 +195,20 @@ def barlow_loss(z1, z2, lambd):
     cross-correlation use the statistics of all ranks, divided by the GLOBAL batch size N, so every rank
     returns the same value: the loss of the global batch. DDP averages the gradients of these equal losses,
     and the autograd-aware sums make that average the global batch's gradient."""
-    n, d = z1.shape
+    n = len(z1)
     N = n * (dist.get_world_size() if dist.is_initialized() else 1)  # every rank holds n images (drop_last)
     z1, z2 = batch_normalize(z1.float(), N), batch_normalize(z2.float(), N)  # the loss in fp32: n x d each
     c = sum_over_ranks(z1.T @ z2, same_on_every_rank=True) / N  # d x d: cross-correlation of the global batch
-    eye = torch.eye(d, dtype=torch.bool, device=c.device)
-    on_diag = (1 - c[eye]).pow(2).sum()  # invariance
-    off_diag = c[~eye].pow(2).sum()  # redundancy reduction
+    on_diag = (1 - c.diagonal()).pow(2).sum()  # invariance
+    off_diag = off_diagonal(c).pow(2).sum()  # redundancy reduction
     return on_diag + lambd * off_diag
+
+
+def off_diagonal(x):
+    """The d x d matrix's off-diagonal elements, as a (d - 1) x d view (the official code's reshape: a boolean
+    mask would make a GPU wait for the host to count its elements, and copy them)."""
+    d = len(x)
+    return x.flatten()[:-1].view(d - 1, d + 1)[:, 1:]
 
 
 # ---- optimizer and schedules ----

@@ -255,8 +255,9 @@ def dino_loss(student_out, teacher_out, center, student_temperature, teacher_tem
     teacher = F.softmax((teacher_out.float() - center) / teacher_temperature, dim=-1).detach()  # sg(.)
     loss = 0.0
     for i, p_t in enumerate(teacher.view(2, n, -1)):
-        others = [v for v in range(len(log_p)) if v != i]
-        loss = loss + -(p_t * log_p[others]).sum(-1).mean()  # mean over the other crops and the images
+        cross_entropy = -(p_t * log_p).sum(-1)  # V x n: every crop against global crop i's target
+        others = cross_entropy.sum(0) - cross_entropy[i]  # n: every crop but i itself
+        loss = loss + others.mean() / (len(log_p) - 1)  # mean over the other crops and the images
     return loss / 2
 
 

@@ -69,7 +69,7 @@ class Config:
     num_workers: int = 4  # data-loading processes per rank
     bad_images: str = "stop"  # an unreadable image file: stop (naming it) | skip (warn, use the next image)
     dist_timeout: float = 600.0  # seconds a rank waits for the others in a collective before the job stops
-    cache_features: bool = False  # extract un-augmented features once and train on them (fast)
+    cache_features: bool = False  # extract un-augmented features once and train on them (fast; fp16 on a GPU)
     # optimisation
     epochs: int = 100  # training length
     batch_size: int = 256  # images per rank; global_batch = batch_size x world_size
@@ -80,6 +80,7 @@ class Config:
     precision: str = "auto"  # trunk: auto (bf16 where native, else fp16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
     seed: int = 0  # subsets, head init, data order and augmentations
     # output
+    log_every: int = 50  # steps between the progress bar's readings of the loss (on a GPU each one waits for it)
     out: str = ""  # JSON file (empty = <checkpoint without extension>_linear_<dataset>.json)
     resume: str = "auto"  # auto: continue a probe stopped by SIGTERM / SIGUSR1 (its <out>.state.pt) | false
     stop_timeout: float = 120.0  # after SIGTERM / SIGUSR1: seconds to finish the step and save, else exit
@@ -130,6 +131,12 @@ def build_optimizer(cfg, head):
     raise UsageError(f"optimizer must be sgd or lars, got {cfg.optimizer!r}")
 
 
+def cache_dtype(device):
+    """The cached features' type: fp16 on a GPU (half of fp32's memory; a ResNet's pooled features are far inside
+    its range, and the head computes in fp32), fp32 on a CPU."""
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
 def cached_batches(feats, labels, batch_size, rank, world_size, epoch, seed):
     """This rank's share of each full global batch of an epoch: the same permutation on every rank."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -178,8 +185,8 @@ def resume_probe(path, cfg, head, optimizer, is_main):
 def main(cfg):
     if not cfg.checkpoint:
         raise UsageError("--checkpoint is required (a method script's last.pt or a plain trunk state_dict)")
-    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.dist_timeout <= 0 or cfg.stop_timeout <= 0:
-        raise UsageError("--epochs, --batch_size, --dist_timeout and --stop_timeout must be positive")
+    if min(cfg.epochs, cfg.batch_size, cfg.log_every) < 1 or cfg.dist_timeout <= 0 or cfg.stop_timeout <= 0:
+        raise UsageError("--epochs, --batch_size, --log_every, --dist_timeout and --stop_timeout must be positive")
     if cfg.resume not in ("auto", "false"):
         raise UsageError(f"resume must be auto or false, got {cfg.resume!r}")
     rank, world_size, device = init_distributed(cfg.dist_timeout)
@@ -204,10 +211,10 @@ def main(cfg):
     if steps_per_epoch == 0:
         raise UsageError(f"{len(train_images)} train images make no full batch of {cfg.batch_size} x "
                          f"{world_size} ranks; lower --batch_size")
-    if cfg.cache_features:
+    if cfg.cache_features:  # every rank holds them all; fp16 on a GPU: ImageNet's 1.28 M x 2048 take 5.2 GB
         train_feats, train_labels = extract_features(
             backbone, Transformed(train_images, eval_transform(size, dataset)), cfg.batch_size,
-            cfg.num_workers, device, precision, rank, world_size)
+            cfg.num_workers, device, precision, rank, world_size, dtype=cache_dtype(device))
     else:
         train_set = SeededViews(train_images, linear_train_transform(size, dataset), seed=cfg.seed)
         sampler = EpochSampler(DistributedSampler(train_set, world_size, rank, shuffle=True, seed=cfg.seed,
@@ -258,7 +265,8 @@ def main(cfg):
             optimizer.step()
             step += 1
             epoch_loss += loss.detach()
-            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.3g}")
+            if step % cfg.log_every == 0:  # the loss read on the host: the only wait between these steps
+                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.3g}")
             if signals.agree()[0] and step % steps_per_epoch:  # the epoch's last step: saved just below
                 save_probe(state_path, cfg, head, optimizer, step, epoch_loss, is_main)
                 signals.exit_after_checkpoint(f"{state_path} at step {step}", is_main)

@@ -210,8 +210,9 @@ class MoCo(nn.Module):
             return self.key_projector(self.key_backbone(x))
         rank = dist.get_rank() if dist.is_initialized() else 0
         images = gather_no_grad(x)  # N x C x H x W: the global batch
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + draw)
-        order = torch.randperm(len(images), generator=generator).to(x.device)  # shuffled position -> image
+        # drawn on the device (copying a host permutation there would make the GPU wait for the host)
+        generator = torch.Generator(x.device).manual_seed(self.seed * 1_000_003 + draw)
+        order = torch.randperm(len(images), generator=generator, device=x.device)  # shuffled position -> image
         mine = order.view(-1, len(x))[rank]  # this rank's share of the shuffled batch
         k = torch.cat([self.key_projector(self.key_backbone(part)) for part in images[mine].chunk(self.groups)])
         shuffled = gather_no_grad(k)  # N x proj_dim, in shuffled order
@@ -256,8 +257,9 @@ def gather_no_grad(x):
     """all_gather along dim 0, no grad (targets only): keys, labels, what is never trained through."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return x.detach()
+    x = x.contiguous()  # NCCL takes contiguous tensors only (gloo does not check)
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
+    dist.all_gather(parts, x)
     return torch.cat(parts)
 
 

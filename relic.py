@@ -181,13 +181,16 @@ class GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
+        x = x.contiguous()  # NCCL takes contiguous tensors only (gloo does not check)
         parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
+        dist.all_gather(parts, x)
         return torch.cat(parts)
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.clone()  # all_reduce works in place: never on autograd's own buffer
+        # a copy (all_reduce works in place, never on autograd's own buffer), contiguous: the gradient of a
+        # reshaped or transposed output has strides that NCCL rejects
+        grad = grad.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(grad)  # sum over ranks
         return grad.chunk(dist.get_world_size())[dist.get_rank()]
 

@@ -147,13 +147,16 @@ class GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
+        x = x.contiguous()  # NCCL takes contiguous tensors only (gloo does not check)
         parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
+        dist.all_gather(parts, x)
         return torch.cat(parts)
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.clone()  # all_reduce works in place: never on autograd's own buffer
+        # a copy (all_reduce works in place, never on autograd's own buffer), contiguous: the gradient of a
+        # reshaped or transposed output has strides that NCCL rejects
+        grad = grad.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(grad)  # sum over ranks
         return grad.chunk(dist.get_world_size())[dist.get_rank()]
 
@@ -179,7 +182,7 @@ def simclr_loss(z1, z2, temperature):
     idx = torch.arange(n, device=z1.device) + n * rank  # global index of this rank's images
     self_column = torch.cat([idx, idx + N])  # k != i: an anchor is not its own negative
     positive = torch.cat([idx + N, idx])  # view 1 of image i pairs with view 2 of image i, and back
-    logits[torch.arange(2 * n, device=z1.device), self_column] = float("-inf")
+    logits = logits.scatter(1, self_column[:, None], float("-inf"))  # row i's own column out (no host copy)
     return F.cross_entropy(logits, positive)
 
 

@@ -165,13 +165,16 @@ class GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
+        x = x.contiguous()  # NCCL takes contiguous tensors only (gloo does not check)
         parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
+        dist.all_gather(parts, x)
         return torch.cat(parts)
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.clone()  # all_reduce works in place: never on autograd's own buffer
+        # a copy (all_reduce works in place, never on autograd's own buffer), contiguous: the gradient of a
+        # reshaped or transposed output has strides that NCCL rejects
+        grad = grad.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(grad)  # sum over ranks
         return grad.chunk(dist.get_world_size())[dist.get_rank()]
 
@@ -187,8 +190,9 @@ def gather_no_grad(x):
     """all_gather along dim 0, no grad (targets only): keys, labels, what is never trained through."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return x.detach()
+    x = x.contiguous()  # NCCL takes contiguous tensors only (gloo does not check)
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
+    dist.all_gather(parts, x)
     return torch.cat(parts)
 
 
@@ -208,11 +212,10 @@ def supcon_loss(z, labels, temperature):
     logits = anchors @ candidates.T / temperature  # nV x NV
     idx = torch.arange(n, device=z.device) + n * rank  # global index of this rank's images
     self_column = torch.cat([idx + v * N for v in range(views)])  # A(i): every view but the anchor itself
-    rows = torch.arange(views * n, device=z.device)
-    logits[rows, self_column] = float("-inf")
+    logits = logits.scatter(1, self_column[:, None], float("-inf"))  # row i's own column out (no host copy)
     log_prob = logits.log_softmax(dim=1)  # log( exp(z_i . z_a / tau) / sum_{a in A(i)} exp(z_i . z_a / tau) )
     positive = labels.repeat(views)[:, None] == candidate_labels[None, :]  # P(i): the anchor's class ...
-    positive[rows, self_column] = False  # ... in A(i)
+    positive = positive.scatter(1, self_column[:, None], False)  # ... in A(i)
     mean_log_prob = log_prob.masked_fill(~positive, 0.0).sum(1) / positive.sum(1).clamp(min=1)  # 0: P(i) empty
     return -mean_log_prob.mean()
 

@@ -260,8 +260,9 @@ def swav_loss(scores, num_crops, temperature, eps, iterations, queue_scores=None
         if queue_scores is not None:
             target = torch.cat([queue_scores[i], target])  # the queue's rows first, this batch's last
         q = sinkhorn(target, eps, iterations)[-n:]  # n x K
-        others = [v for v in range(num_crops) if v != i]
-        loss = loss + -(q * log_p[others]).sum(2).mean()  # mean over the other crops and the images
+        cross_entropy = -(q * log_p).sum(2)  # V x n: every crop against global crop i's codes
+        others = cross_entropy.sum(0) - cross_entropy[i]  # n: every crop but i itself
+        loss = loss + others.mean() / (num_crops - 1)  # mean over the other crops and the images
         codes.append(q)
     return loss / 2, torch.stack(codes)
 
@@ -271,8 +272,9 @@ def gather_no_grad(x):
     """all_gather along dim 0, no grad (targets only): keys, labels, what is never trained through."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return x.detach()
+    x = x.contiguous()  # NCCL takes contiguous tensors only (gloo does not check)
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
+    dist.all_gather(parts, x)
     return torch.cat(parts)
 
 

@@ -1,8 +1,9 @@
 """What each method learns at one small budget on real images: every method script pre-trained on the same
 10,000-image subset of the JPEG CIFAR-10 copy in ../shared/data (ResNet-18 with the ImageNet stem at 32 px,
-batch 256, precision auto: bf16 where the CPU computes it natively, else fp32; 20 epochs = 780 steps by default), then knn_eval.py (k 200, T 0.1, the 45k train images as
-the bank, the 5k val images as queries) and a short linear probe (linear_eval.py on cached features), beside
-the same evaluations of a randomly initialised trunk (the floor). SimCLR runs with two seeds, to show the noise.
+batch 256, precision auto: bf16 where the CPU computes it natively, else fp32; 20 epochs = 780 steps by
+default), then knn_eval.py (k 200, T 0.1, the 45k train images as the bank, the 5k val images as queries) and
+a short linear probe (linear_eval.py on cached features), beside the same evaluations of a randomly initialised
+trunk (the floor). SimCLR runs with two seeds, to show the noise.
 
     python bench/cifar_budget.py                       # every method (hours on 2 CPU cores)
     python bench/cifar_budget.py --methods swav dino   # some of them

@@ -3,7 +3,8 @@ time in loader workers (common/augment.py). The same steps as augment.view() (ra
 colour jitter in a random order, grayscale, Gaussian blur, solarisation, normalisation), each image with its
 own random parameters drawn from the same distributions as torchvision's transforms, by a CPU torch.Generator
 seeded per global batch. Each step is one tensor operation on the images that take it (the crop: one per image
-when the images differ in size). Images come from memory (BatchedLoader: data sets read as one array) or, for
+when the images differ in size). The parameters are drawn and arranged on the host (which images take each step
+is known there) and reach the device in one pinned, non-blocking copy per view: no step waits for the host. Images come from memory (BatchedLoader: data sets read as one array) or, for
 image folders, from files read by loader workers and decoded a batch at a time on the device (DecodingLoader:
 torchvision.io.decode_jpeg, nvJPEG on a GPU).
 
@@ -101,6 +102,12 @@ def _per_image(values, x):
     return values.view(-1, *[1] * (x.ndim - 1))
 
 
+def to_device(x, device):
+    """A host tensor on `device` without making the host wait: on a GPU, from pinned memory, non-blocking (the
+    pinned block is kept until the copy is done)."""
+    return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device, non_blocking=True)
+
+
 def adjust_brightness(x, factor):
     return (x * _per_image(factor, x)).clamp(0, 1)
 
@@ -127,7 +134,7 @@ def adjust_hue(x, shift):
     hue = torch.where(red, b - g, torch.where(green, 2.0 + r - b, 4.0 + g - r))
     hue = (hue / 6.0 + _per_image(shift, hue)).remainder(1.0)
     # back to RGB: channel n (5 red, 3 green, 1 blue) is v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6 h) mod 6
-    n = torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1)
+    n = torch.arange(5.0, 0.0, -2.0, device=x.device).view(1, 3, 1, 1)  # 5, 3, 1: made there, not copied
     k = (n + 6.0 * hue.unsqueeze(1)).remainder(6.0)
     value, saturation = high.unsqueeze(1), saturation.unsqueeze(1)
     return value - value * saturation * torch.minimum(k, 4.0 - k).clamp(0, 1)
@@ -190,45 +197,62 @@ class BatchedView:
                 "sigma": uniform(0.1, 2.0),
                 "solarize": coin(self.solarize)}
 
-    def crops(self, images, p):
-        """Each image's random resized crop at parameters p, (n, 3, size, size) float in [0, 1]. images: (n, 3, H,
-        W) uint8 (or float in [0, 1]), or a list of n (3, h, w) ones of any sizes, cropped one at a time."""
-        if not torch.is_tensor(images) and len({image.shape for image in images}) == 1:
-            images = torch.stack(images)
+    def steps(self, p):
+        """The steps after the crop and the flip, in order, each as (step, which images take it (a mask), their
+        per-image values): the four jitter steps in each image's own order, grayscale, blur, solarisation."""
+        steps = [(step, p["jitter"] & (p["order"][:, slot] == i), [p["factors"][:, i]])
+                 for slot in range(4) for i, step in enumerate(JITTER_STEPS)]  # torchvision: randperm(4) an image
+        steps.append((lambda v: grayscale(v).expand_as(v), p["gray"], []))
+        if self.blur > 0:
+            steps.append((lambda v, sigma: gaussian_blur(v, self.kernel_size, sigma), p["blur"], [p["sigma"]]))
+        if self.solarize > 0:
+            steps.append((solarize, p["solarize"], []))
+        return steps
+
+    def plan(self, images, p):
+        """On the host, before anything runs on the device: the crop boxes (left, top, width, height) in each image,
+        the steps, the rows of the images that take each step, and everything the device needs as ONE float32
+        tensor with the lengths of its parts, copied there at once: the boxes to resize (for images of mixed sizes,
+        each one's box within its own cut-out), the flips, then each step's rows and their values. Which images
+        take a step is known here, so no step waits for the device to count them."""
         if torch.is_tensor(images):
-            boxes = boxes_of(p, images.shape[-2], images.shape[-1], self.ratio)
-            return resized_crops(_as_float(images), boxes.to(images.device), self.size)
-        boxes = boxes_of(p, torch.tensor([image.shape[-2] for image in images]),
-                         torch.tensor([image.shape[-1] for image in images]), self.ratio)
-        made = []
-        for image, (left, top, w, h) in zip(images, boxes.int().tolist()):
-            crop = image[None, :, top:top + h, left:left + w]  # the box alone, then resized as a whole
-            made.append(resized_crops(_as_float(crop), torch.tensor([[0.0, 0.0, w, h]], device=image.device),
-                                      self.size))
-        return torch.cat(made)
+            boxes = resize = boxes_of(p, images.shape[-2], images.shape[-1], self.ratio)
+        else:
+            boxes = boxes_of(p, torch.tensor([image.shape[-2] for image in images]),
+                             torch.tensor([image.shape[-1] for image in images]), self.ratio)
+            resize = torch.cat([torch.zeros(len(boxes), 2), boxes[:, 2:]], dim=1)  # each cut-out resized whole
+        steps = self.steps(p)
+        rows = [mask.nonzero().squeeze(1) for _, mask, _ in steps]
+        parts = [resize.flatten(), p["flip"].float(),
+                 *(torch.cat([taken.float(), *(value[taken] for value in values)])
+                   for (_, _, values), taken in zip(steps, rows))]
+        return boxes, steps, rows, torch.cat(parts), [len(part) for part in parts]
 
     def apply(self, images, p):
-        """The views of `images` (on any device) at parameters p (from sample()); each step runs on the images
-        that take it, and only on those."""
-        x = self.crops(images, p)
-        device = x.device
-        x = torch.where(_per_image(p["flip"].to(device), x), x.flip(-1), x)
-
-        def some(mask, step, *per_image):  # x[i] = step(x[i], *per_image[i]) for the images where mask is set
-            rows = mask.nonzero().squeeze(1)
-            if len(rows):
-                on_device = rows.to(device)
-                x[on_device] = step(x[on_device], *(value[rows].to(device) for value in per_image))
-
-        for slot in range(4):  # each image's four jitter steps in its own order (torchvision: randperm(4))
-            for i, step in enumerate(JITTER_STEPS):
-                some(p["jitter"] & (p["order"][:, slot] == i), step, p["factors"][:, i])
-        some(p["gray"], lambda v: grayscale(v).expand_as(v))
-        if self.blur > 0:
-            some(p["blur"], lambda v, sigma: gaussian_blur(v, self.kernel_size, sigma), p["sigma"])
-        if self.solarize > 0:
-            some(p["solarize"], solarize)
-        return (x - self.mean.to(device)) / self.std.to(device)
+        """The views of `images` (on any device: (n, 3, H, W) uint8 or float in [0, 1], or a list of n (3, h, w)
+        of any sizes) at parameters p (from sample()); each step runs on the images that take it, and only on
+        those. One copy to the device (plan()), no waiting for it."""
+        if not torch.is_tensor(images) and len({image.shape for image in images}) == 1:
+            images = torch.stack(images)
+        device = images.device if torch.is_tensor(images) else images[0].device
+        boxes, steps, rows, packed, lengths = self.plan(images, p)
+        resize, flip, *taken = to_device(packed, device).split(lengths)
+        resize = resize.view(-1, 4)
+        if torch.is_tensor(images):
+            x = resized_crops(_as_float(images), resize, self.size)
+        else:  # one image at a time: its box cut out (host ints, no copy), then resized as a whole
+            x = torch.cat([resized_crops(_as_float(image[None, :, top:top + h, left:left + w]), resize[i:i + 1],
+                                         self.size)
+                           for i, (image, (left, top, w, h)) in enumerate(zip(images, boxes.int().tolist()))])
+        x = torch.where(_per_image(flip.bool(), x), x.flip(-1), x)
+        for (step, _, values), on_host, part in zip(steps, rows, taken):
+            if len(on_host):  # x[i] = step(x[i], *values[i]) for the images i that take it
+                index, *per_image = part.view(1 + len(values), len(on_host))  # the rows: exact in float32
+                index = index.long()
+                x[index] = step(x[index], *per_image)
+        if self.mean.device != device:  # the constants copied once, not every step
+            self.mean, self.std = self.mean.to(device), self.std.to(device)
+        return (x - self.mean) / self.std
 
     def __call__(self, images, generator):
         return self.apply(images, self.sample(len(images), generator))
@@ -288,7 +312,7 @@ class BatchedLoader:
     the views depend on neither the number of ranks nor a resume, and no generator state needs keeping."""
 
     def __init__(self, images, labels, views, batch_size, rank, world_size, seed, device):
-        self.pixels, self.labels = images, labels.to(device)
+        self.pixels, self.labels = images, labels  # the pixels on the device or the host, the labels on the host
         self.views, self.batch_size, self.rank, self.world_size = BatchedViews(views), batch_size, rank, world_size
         self.seed, self.device = seed, device
         self.sampler = EpochSampler(DistributedSampler(range(len(images)), world_size, rank, shuffle=True,
@@ -299,13 +323,17 @@ class BatchedLoader:
 
     def __iter__(self):
         keys = list(self.sampler)  # (epoch, index) of this rank's items left in the epoch
+        order = torch.tensor([i for _, i in keys], dtype=torch.int64)
         first = self.sampler.skip // self.batch_size  # the number of the first global batch left
         for k in range(len(self)):
-            epoch = keys[0][0]
-            index = torch.tensor([i for _, i in keys[k * self.batch_size:(k + 1) * self.batch_size]])
-            images = self.pixels[index.to(self.pixels.device)].to(self.device, non_blocking=True)
+            epoch, index = keys[0][0], order[k * self.batch_size:(k + 1) * self.batch_size]
+            if self.pixels.device == self.device:  # the rows picked where the pixels are
+                images = self.pixels[to_device(index, self.device)]
+            else:  # a GPU's batch picked from host memory, then copied (pinned, non-blocking)
+                images = to_device(self.pixels[index], self.device)
             generator = torch.Generator().manual_seed(batch_seed(self.seed, epoch, first + k))
-            yield self.views(images, generator, self.rank, self.world_size), self.labels[index.to(self.device)]
+            yield (self.views(images, generator, self.rank, self.world_size),
+                   to_device(self.labels[index], self.device))
 
 
 # ---- image folders: files read by loader workers, decoded a batch at a time on the device ----
@@ -385,8 +413,8 @@ class DecodingLoader:
                     decoded.append(pil_to_tensor(image.convert("RGB")))
         for n, image in zip(jpegs, decoded):
             images[n] = image
-        images = [image.to(self.device, non_blocking=True) for image in images]
-        return images, torch.tensor(labels, dtype=torch.int64).to(self.device)
+        images = [to_device(image, self.device) if image.device != self.device else image for image in images]
+        return images, to_device(torch.tensor(labels, dtype=torch.int64), self.device)
 
     def __iter__(self):
         first = self.sampler.skip // self.batch_size  # the number of the first global batch left
@@ -398,13 +426,12 @@ class DecodingLoader:
 
 def batched_loader(dataset, views, cfg, rank, world_size, device):
     """The loader of `views: batched`: for an image folder, a DecodingLoader (files decoded a batch at a time on
-    `device`); else a BatchedLoader of `dataset`, its images decoded once and kept on `device` (a GPU's memory
-    when they take under a quarter of it, else pinned host memory, copied a batch at a time)."""
+    `device`); else a BatchedLoader of `dataset`, its images decoded once and kept on `device` when they take
+    under a quarter of a GPU's memory, else in host memory, each batch gathered there into pinned memory and
+    copied without waiting (no pinned copy of the whole data set on every rank)."""
     if cfg.dataset == "folder":
         return DecodingLoader(dataset, views, cfg, rank, world_size, device)
     images, labels = as_uint8(dataset)
     if device.type == "cuda" and images.numel() < torch.cuda.get_device_properties(device).total_memory // 4:
         images = images.to(device)
-    elif device.type == "cuda":
-        images = images.pin_memory()
     return BatchedLoader(images, labels, views, cfg.batch_size, rank, world_size, cfg.seed, device)

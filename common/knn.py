@@ -57,8 +57,9 @@ def extract_features(backbone, dataset, batch_size, num_workers, device, precisi
 
 
 def _all_gather_cat(x, dim):
+    x = x.contiguous()  # NCCL takes contiguous tensors only (gloo does not check)
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
+    dist.all_gather(parts, x)
     return torch.cat(parts, dim)
 
 

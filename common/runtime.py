@@ -32,6 +32,10 @@ from common.config import UsageError
 def init_distributed(timeout=600.0):
     """One code path with or without torchrun. Returns (rank, world_size, device). A collective that waits more
     than `timeout` seconds for another rank (dead or hung) fails instead of hanging (see lost_rank_errors)."""
+    if torch.cuda.is_available():
+        # the inputs keep their sizes from step to step (each crop size its own): cuDNN times its algorithms once
+        # per shape and keeps the fastest, as the official repositories ask
+        torch.backends.cudnn.benchmark = True
     if "RANK" not in os.environ:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return 0, 1, device
@@ -521,6 +525,11 @@ def _step_of(line):
         return math.inf
 
 
+# what the message of a collective's RuntimeError says when a peer died or hung: gloo's errors (some name gloo,
+# some only the pair of processes, e.g. when a rank is stopped inside DDP's buffer broadcast) and NCCL's
+LOST = ("gloo", "NCCL", "pair closure", "Connection closed by peer", "Connection reset by peer")
+
+
 @contextlib.contextmanager
 def lost_rank_errors():
     """Wrap a script's entry point: when another process of a torchrun job dies or hangs, the collective this
@@ -528,7 +537,7 @@ def lost_rank_errors():
     try:
         yield
     except RuntimeError as e:
-        if not (dist.is_initialized() and (isinstance(e, dist.DistError) or "gloo" in str(e) or "NCCL" in str(e))):
+        if not (dist.is_initialized() and (isinstance(e, dist.DistError) or any(sign in str(e) for sign in LOST))):
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"error: rank {dist.get_rank()} lost contact with the other processes of this job: one stopped (see its "

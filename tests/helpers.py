@@ -29,9 +29,10 @@ def run_script(args, timeout=300, **kw):
 
 
 def run_torchrun(nproc, args, timeout=300):
-    """`torchrun --standalone --nproc_per_node=<nproc> <args>` on gloo (CPU)."""
-    return run_script(["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args],
-                      timeout=timeout)
+    """`torchrun --standalone --nproc_per_node=<nproc> <args>` on gloo (CPU), every rank's script run under NCCL's
+    rules for collectives (tests/nccl_rules.py: a non-contiguous tensor handed to one is an error)."""
+    return run_script(["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                       "tests/nccl_rules.py", *args], timeout=timeout)
 
 
 def assert_clean_error(result, fragment):

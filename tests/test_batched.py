@@ -234,6 +234,24 @@ def test_batched_loader_gives_the_same_global_batches_on_any_number_of_ranks(sou
     assert not torch.equal(first[0], first[1])  # the two views of an image differ
 
 
+def test_a_data_set_too_large_for_the_gpu_stays_on_the_host_and_goes_there_a_batch_at_a_time(monkeypatch):
+    """Above a quarter of the GPU's memory the images stay in (pageable) host memory, not pinned whole on every
+    rank; each batch is gathered on the host and copied by to_device (pinned, non-blocking), its labels too.
+    A CPU plays the GPU here: its memory is said to be tiny, and to_device records instead of pinning."""
+    import common.batched as batched
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=1000))
+    copied = []
+    monkeypatch.setattr(batched, "to_device", lambda x, device: copied.append((tuple(x.shape), device)) or x)
+    cfg, gpu = _loader_cfg(batch_size=8), torch.device("cuda", 0)
+    loader = batched.batched_loader(pretrain_loader(cfg, two_views("sym", 8, "synthetic"), 0, 1,
+                                                    torch.device("cpu")).images, two_views("sym", 8, "synthetic"),
+                                    cfg, 0, 1, gpu)
+    assert not loader.pixels.is_pinned() and loader.pixels.device.type == "cpu"
+    loader.sampler.set_epoch(0)
+    next(iter(loader))
+    assert copied[0] == ((8, 3, 8, 8), gpu) and copied[-1] == ((8,), gpu)  # the batch's images first, labels last
+
+
 def test_a_folders_batches_decoded_on_the_device_are_the_in_memory_batches(tmp_path):
     """For images of one size, decoding each batch's files (DecodingLoader, what a GPU does with nvJPEG) gives
     the views and labels of holding the decoded images in memory (BatchedLoader): the same batches, the same

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from battery import TRAINED_ARGS, case_of, quick_args, run_ranks
+from battery import TRAINED_ARGS, CountedLoader, HostSyncs, case_of, quick_args, run_ranks
 from common.config import load_config, parse_config, usage_errors
 from common.runtime import StepMetrics, resolve_precision
 from helpers import REPO, assert_clean_error, assert_one_line_error, fake_cpu, read_jsonl, run_script
@@ -491,3 +491,23 @@ def test_configs_parse(method):
     for name in names:
         cfg = load_config(module.Config, ["--config", str(REPO / "configs" / name)])
         assert cfg.out_dir == f"runs/{name[:-len('.yaml')]}" and cfg.precision == "auto", name
+
+
+# ---- (7) between log lines the host never waits for the device ----
+@pytest.mark.parametrize("views", ["batched", "workers"])
+@pytest.mark.parametrize("method", METHODS)
+def test_no_host_sync_between_log_lines(method, views, tmp_path, monkeypatch):
+    """Steps 2 and 3 of an epoch of 4 (no log line, no checkpoint, no kNN between them), in the run's own
+    precision (auto): nothing read back, no boolean mask, no tensor made from host data, no blocking copy to the
+    device (tests/battery.py HostSyncs says what counts). The batched views are made in the step's time and are
+    counted; per-image views are made in loader workers, on the host, and are not."""
+    module = importlib.import_module(method)
+    syncs = HostSyncs()
+    syncs.watch_copies(monkeypatch)
+    make_loader = module.pretrain_loader
+    monkeypatch.setattr(module, "pretrain_loader", lambda *args: CountedLoader(make_loader(*args), syncs, 1, 3,
+                                                                               count_fetch=views == "batched"))
+    with syncs:
+        module.train(load_config(module.Config, quick_args(method, tmp_path, "--views", views, "--log_every", "4",
+                                                           epochs=1)[1:]))
+    assert syncs.found == []

@@ -325,6 +325,15 @@ def test_checkpoint_roundtrip_and_corruption(tmp_path):
         load_checkpoint(tmp_path / "none.pt")
 
 
+def test_cudnn_picks_its_fastest_algorithms_on_a_gpu(monkeypatch):
+    """The inputs keep their sizes from step to step: cuDNN's benchmark mode (as the official repositories)."""
+    from common.runtime import init_distributed
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert init_distributed()[2].type == "cuda" and torch.backends.cudnn.benchmark
+
+
 def test_rng_restores_this_ranks_gpu_only(monkeypatch):
     """One CUDA state, this rank's device's; checkpoints that hold one per visible GPU (8 here) still load on a
     machine that sees fewer."""

@@ -103,6 +103,31 @@ def test_linear_augmented_one_epoch(checkpoint, tmp_path):
     assert result["train_loss"] > 0
 
 
+def test_linear_probe_steps_never_wait_for_the_device(checkpoint, tmp_path, monkeypatch):
+    """Between two readings of the loss (--log_every) the probe's steps on cached features read nothing back
+    (tests/battery.py HostSyncs counts what would make a GPU wait); the cache is fp16 on a GPU (half of fp32's
+    memory), fp32 on a CPU."""
+    import linear_eval
+    from battery import HostSyncs
+    from common.config import parse_config
+    syncs, batches = HostSyncs(), linear_eval.cached_batches
+
+    def counted(*args):
+        for k, batch in enumerate(batches(*args)):
+            syncs.counting = 1 <= k < 3  # steps 2 and 3 of the first epoch
+            yield batch
+        syncs.counting = False
+    monkeypatch.setattr(linear_eval, "cached_batches", counted)
+    syncs.watch_copies(monkeypatch)
+    with syncs:
+        linear_eval.main(parse_config(linear_eval.Config, [
+            *map(str, LINEAR[1:]), "--checkpoint", str(checkpoint), "--cache_features", "true", "--epochs", "1",
+            "--batch_size", "16", "--log_every", "4", "--out", str(tmp_path / "probe.json")]))
+    assert syncs.found == [] and read_json(tmp_path / "probe.json")["epochs"] == 1
+    assert linear_eval.cache_dtype(torch.device("cuda", 0)) == torch.float16
+    assert linear_eval.cache_dtype(torch.device("cpu")) == torch.float32
+
+
 def test_linear_torchrun_matches_single_process(linear_cached, checkpoint, tmp_path):
     """Two ranks, each half of a global batch of 32: the same training as one process with batches of 32."""
     out = tmp_path / "linear.json"

@@ -47,6 +47,17 @@ def test_shuffle_bn_keys_follow_the_definition():
     assert model.queries(x).shape == (8, 8)
 
 
+def test_shuffle_bn_draws_its_permutation_on_the_images_device(monkeypatch):
+    """A permutation drawn on the host and copied to the GPU would make the step wait for that copy: it is drawn
+    where the images are, from a generator of that device (on a CPU the same permutation as before)."""
+    drawn, randperm = [], torch.randperm
+    monkeypatch.setattr(torch, "randperm", lambda *args, **kwargs: drawn.append(kwargs) or randperm(*args, **kwargs))
+    model = moco.MoCo(tiny(shuffle_bn=True, bn_groups=2)).train()
+    x = images()
+    model.keys(x, draw=5)
+    assert [(k.get("device"), k["generator"].device) for k in drawn] == [(x.device, x.device)]
+
+
 def test_shuffle_bn_on_two_ranks_equals_one_process():
     """bn_groups fixes the BN groups of the global batch: 2 ranks x 1 group = 1 process x 2 groups."""
     whole = _shuffled_keys(0, 1)

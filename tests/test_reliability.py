@@ -309,7 +309,8 @@ LONG = ("--epochs", "3", "--log_every", "1", "--checkpoint_every_steps", "2", "-
 
 def start(args, torchrun=False, restarts=0):
     """Start a script (under torchrun with 2 ranks) in its own process group, as a job scheduler would."""
-    prefix = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", f"--max-restarts={restarts}"]
+    prefix = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", f"--max-restarts={restarts}",
+              "tests/nccl_rules.py"]  # NCCL's rules for collectives (as run_torchrun)
     prefix = prefix if torchrun else []
     # torchrun's restarted workers otherwise now and then read the previous attempt's addresses from the agent's
     # store and fail to connect (pytorch/pytorch#135712; 1 restart in 3 here): docs/reliability.md says to set it
@@ -455,6 +456,23 @@ def test_torchrun_a_signal_to_one_rank_then_a_killed_rank_give_the_uninterrupted
     assert "error: rank 1 lost contact with the other processes of this job" in restarted.stderr
     assert restarted.stdout.count("resuming from") == 2 and f"at step {saved}" in restarted.stdout  # twice
     assert_same_weights(out / "last.pt", straight / "last.pt")
+
+
+@pytest.mark.parametrize("message", ["Application timeout caused pair closure",  # gloo, inside DDP's broadcast
+                                     "[gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:6",
+                                     "NCCL communicator was aborted on rank 1"])
+def test_a_collective_that_lost_its_peer_is_one_line_and_its_own_status(message, monkeypatch, capsys):
+    import torch.distributed as dist
+
+    from common.runtime import lost_rank_errors
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(os, "_exit", lambda status: (_ for _ in ()).throw(SystemExit(status)))
+    with pytest.raises(SystemExit, match=str(EXIT_LOST_RANK)), lost_rank_errors():
+        raise RuntimeError(message)
+    assert capsys.readouterr().err.startswith("error: rank 1 lost contact with the other processes of this job")
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"), lost_rank_errors():
+        raise RuntimeError("shapes cannot be multiplied")  # not a collective's: the traceback stays
 
 
 def test_torchrun_a_hung_rank_stops_the_job_within_dist_timeout(tmp_path):
