@@ -4,9 +4,10 @@ colour jitter in a random order, grayscale, Gaussian blur, solarisation, normali
 own random parameters drawn from the same distributions as torchvision's transforms, by a CPU torch.Generator
 seeded per global batch. Each step is one tensor operation on the images that take it (the crop: one per image
 when the images differ in size). The parameters are drawn and arranged on the host (which images take each step
-is known there) and reach the device in one pinned, non-blocking copy per view: no step waits for the host. Images come from memory (BatchedLoader: data sets read as one array) or, for
-image folders, from files read by loader workers and decoded a batch at a time on the device (DecodingLoader:
-torchvision.io.decode_jpeg, nvJPEG on a GPU).
+is known there) and reach the device in one pinned, non-blocking copy per view: no step waits for the host.
+Images come from memory (BatchedLoader: data sets read as one array) or, for image folders, from files read by
+loader workers and decoded a batch at a time on the device (DecodingLoader: torchvision.io.decode_jpeg, nvJPEG on
+a GPU).
 
 Departures from the per-image pipeline, all within rounding: it works in float32 from the start (torchvision's
 uint8 and PIL kernels round to integers after each step).
