@@ -63,8 +63,8 @@ from tqdm import tqdm
 from common.augment import multi_crop
 from common.backbones import backbone_args, build_backbone
 from common.config import UsageError, parse_config, usage_errors
-from common.data import pretrain_loader
 from common.knn import KnnMonitor
+from common.loaders import pretrain_loader
 from common.runtime import (Checkpointer, MetricLog, StepMetrics, autocast, check_run, close_distributed,
                             init_distributed, lost_rank_errors, resolve_precision, write_run_config)
 
@@ -256,8 +256,8 @@ def dino_loss(student_out, teacher_out, center, student_temperature, teacher_tem
     loss = 0.0
     for i, p_t in enumerate(teacher.view(2, n, -1)):
         cross_entropy = -(p_t * log_p).sum(-1)  # V x n: every crop against global crop i's target
-        others = cross_entropy.sum(0) - cross_entropy[i]  # n: every crop but i itself
-        loss = loss + others.mean() / (len(log_p) - 1)  # mean over the other crops and the images
+        others = torch.cat([cross_entropy[:i], cross_entropy[i + 1:]])  # (V - 1) x n: every crop but i itself
+        loss = loss + others.mean()  # mean over the other crops and the images
     return loss / 2
 
 

@@ -49,7 +49,7 @@ from common.data import (EpochSampler, SeededViews, Transformed, ignore_stop_sig
 from common.knn import extract_features, topk_correct
 from common.runtime import (RUN_ONLY_KEYS, StopSignals, autocast, changed_settings, close_distributed,
                             init_distributed, load_checkpoint, load_backbone, load_state, lost_rank_errors,
-                            resolve_precision, save_checkpoint, write_json)
+                            resolve_precision, save_checkpoint, to_device, write_json)
 
 
 @dataclass
@@ -140,7 +140,7 @@ def cache_dtype(device):
 def cached_batches(feats, labels, batch_size, rank, world_size, epoch, seed):
     """This rank's share of each full global batch of an epoch: the same permutation on every rank."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(len(feats), generator=g).to(feats.device)
+    order = to_device(torch.randperm(len(feats), generator=g), feats.device)
     global_batch = batch_size * world_size
     for start in range(0, len(feats) - global_batch + 1, global_batch):
         idx = order[start:start + global_batch][rank::world_size]
@@ -212,9 +212,14 @@ def main(cfg):
         raise UsageError(f"{len(train_images)} train images make no full batch of {cfg.batch_size} x "
                          f"{world_size} ranks; lower --batch_size")
     if cfg.cache_features:  # every rank holds them all; fp16 on a GPU: ImageNet's 1.28 M x 2048 take 5.2 GB
-        train_feats, train_labels = extract_features(
-            backbone, Transformed(train_images, eval_transform(size, dataset)), cfg.batch_size,
-            cfg.num_workers, device, precision, rank, world_size, dtype=cache_dtype(device))
+        cached = Transformed(train_images, eval_transform(size, dataset))
+        train_feats, train_labels = extract_features(backbone, cached, cfg.batch_size, cfg.num_workers, device,
+                                                     precision, rank, world_size, dtype=cache_dtype(device))
+        if not torch.isfinite(train_feats).all():  # beyond fp16's range (65504): once more, in fp32
+            if is_main:
+                print("warning: the trunk's features exceed fp16's range; caching them in fp32", file=sys.stderr)
+            train_feats, train_labels = extract_features(backbone, cached, cfg.batch_size, cfg.num_workers,
+                                                         device, precision, rank, world_size)
     else:
         train_set = SeededViews(train_images, linear_train_transform(size, dataset), seed=cfg.seed)
         sampler = EpochSampler(DistributedSampler(train_set, world_size, rank, shuffle=True, seed=cfg.seed,

@@ -61,10 +61,11 @@ from tqdm import tqdm
 from common.augment import two_views
 from common.backbones import backbone_args, build_backbone
 from common.config import UsageError, parse_config, usage_errors
-from common.data import pretrain_loader
 from common.knn import KnnMonitor
+from common.loaders import pretrain_loader
 from common.runtime import (Checkpointer, MetricLog, StepMetrics, autocast, check_run, close_distributed,
-                            init_distributed, lost_rank_errors, resolve_precision, write_run_config)
+                            init_distributed, lost_rank_errors, resolve_precision, to_device,
+                            write_run_config)
 
 
 @dataclass
@@ -210,9 +211,9 @@ class MoCo(nn.Module):
             return self.key_projector(self.key_backbone(x))
         rank = dist.get_rank() if dist.is_initialized() else 0
         images = gather_no_grad(x)  # N x C x H x W: the global batch
-        # drawn on the device (copying a host permutation there would make the GPU wait for the host)
-        generator = torch.Generator(x.device).manual_seed(self.seed * 1_000_003 + draw)
-        order = torch.randperm(len(images), generator=generator, device=x.device)  # shuffled position -> image
+        # drawn on the host (the same permutation on every rank, whatever its GPU), copied without waiting
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + draw)
+        order = to_device(torch.randperm(len(images), generator=generator), x.device)  # shuffled position -> image
         mine = order.view(-1, len(x))[rank]  # this rank's share of the shuffled batch
         k = torch.cat([self.key_projector(self.key_backbone(part)) for part in images[mine].chunk(self.groups)])
         shuffled = gather_no_grad(k)  # N x proj_dim, in shuffled order

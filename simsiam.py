@@ -37,8 +37,8 @@ from tqdm import tqdm
 from common.augment import two_views
 from common.backbones import backbone_args, build_backbone
 from common.config import UsageError, parse_config, usage_errors
-from common.data import pretrain_loader
 from common.knn import KnnMonitor
+from common.loaders import pretrain_loader
 from common.runtime import (Checkpointer, MetricLog, StepMetrics, autocast, check_run, close_distributed,
                             init_distributed, lost_rank_errors, resolve_precision, write_run_config)
 

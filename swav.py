@@ -66,8 +66,8 @@ from tqdm import tqdm
 from common.augment import multi_crop
 from common.backbones import backbone_args, build_backbone
 from common.config import UsageError, parse_config, usage_errors
-from common.data import pretrain_loader
 from common.knn import KnnMonitor
+from common.loaders import pretrain_loader
 from common.runtime import (Checkpointer, MetricLog, StepMetrics, autocast, check_run, close_distributed,
                             init_distributed, lost_rank_errors, resolve_precision, write_run_config)
 
@@ -261,8 +261,8 @@ def swav_loss(scores, num_crops, temperature, eps, iterations, queue_scores=None
             target = torch.cat([queue_scores[i], target])  # the queue's rows first, this batch's last
         q = sinkhorn(target, eps, iterations)[-n:]  # n x K
         cross_entropy = -(q * log_p).sum(2)  # V x n: every crop against global crop i's codes
-        others = cross_entropy.sum(0) - cross_entropy[i]  # n: every crop but i itself
-        loss = loss + others.mean() / (num_crops - 1)  # mean over the other crops and the images
+        others = torch.cat([cross_entropy[:i], cross_entropy[i + 1:]])  # (V - 1) x n: every crop but i itself
+        loss = loss + others.mean()  # mean over the other crops and the images
         codes.append(q)
     return loss / 2, torch.stack(codes)
 

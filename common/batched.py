@@ -4,7 +4,8 @@ colour jitter in a random order, grayscale, Gaussian blur, solarisation, normali
 own random parameters drawn from the same distributions as torchvision's transforms, by a CPU torch.Generator
 seeded per global batch. Each step is one tensor operation on the images that take it (the crop: one per image
 when the images differ in size). The parameters are drawn and arranged on the host (which images take each step
-is known there) and reach the device in one pinned, non-blocking copy per view: no step waits for the host.
+is known there) and reach the device in one pinned, non-blocking copy per view: no step waits for the host
+(except DecodingLoader's, which lets the stream finish before nvJPEG decodes: pytorch/vision#9606).
 Images come from memory (BatchedLoader: data sets read as one array) or, for image folders, from files read by
 loader workers and decoded a batch at a time on the device (DecodingLoader: torchvision.io.decode_jpeg, nvJPEG on
 a GPU).
@@ -24,6 +25,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 from common.augment import MEAN_STD, blur_kernel_size
 from common.config import UsageError
 from common.data import EpochSampler, ignore_stop_signals, labels_of
+from common.runtime import to_device
 
 GRAY = (0.2989, 0.587, 0.114)  # torchvision's (ITU-R 601-2) luma weights
 
@@ -101,12 +103,6 @@ def _as_float(images):
 
 def _per_image(values, x):
     return values.view(-1, *[1] * (x.ndim - 1))
-
-
-def to_device(x, device):
-    """A host tensor on `device` without making the host wait: on a GPU, from pinned memory, non-blocking (the
-    pinned block is kept until the copy is done)."""
-    return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device, non_blocking=True)
 
 
 def adjust_brightness(x, factor):

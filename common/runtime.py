@@ -108,6 +108,12 @@ def resolve_precision(precision, device, is_main=True):
     return chosen, reason
 
 
+def to_device(x, device):
+    """A host tensor on `device` without making the host wait: on a GPU, from pinned memory, non-blocking (the
+    pinned block is kept until the copy is done)."""
+    return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device, non_blocking=True)
+
+
 def autocast(device, precision):
     """The autocast context of a resolved precision (resolve_precision): bf16, fp16, or none for fp32."""
     dtype = torch.float16 if precision == "fp16" else torch.bfloat16

@@ -17,7 +17,8 @@ from common.batched import (BatchedLoader, BatchedView, BatchedViews, DecodingLo
                             adjust_contrast, adjust_hue, adjust_saturation, as_uint8, boxes_of, crop_boxes,
                             gaussian_blur, resized_crops, solarize)
 from common.config import UsageError
-from common.data import MEAN_STD, pretrain_loader
+from common.data import MEAN_STD
+from common.loaders import pretrain_loader
 
 DRAWS = 4000
 

@@ -16,8 +16,9 @@ from common import MIN_TORCH, MIN_TORCHVISION
 from common.augment import eval_transform, multi_crop, two_views
 from common.backbones import ARCHS, RESNETS, apply_cifar_stem, backbone_args, build_backbone
 from common.config import ConfigError, UsageError, load_config, usage
-from common.data import EpochSampler, SeededViews, Synthetic, build_dataset, labels_of, pretrain_loader, subset
+from common.data import EpochSampler, SeededViews, Synthetic, build_dataset, labels_of, subset
 from common.knn import knn_predict, topk_correct
+from common.loaders import pretrain_loader
 from common.runtime import (StepMetrics, changed_settings, check_schedule, load_checkpoint, resolve_precision,
                             rng_states, save_checkpoint, set_rng_states)
 

@@ -47,15 +47,15 @@ def test_shuffle_bn_keys_follow_the_definition():
     assert model.queries(x).shape == (8, 8)
 
 
-def test_shuffle_bn_draws_its_permutation_on_the_images_device(monkeypatch):
-    """A permutation drawn on the host and copied to the GPU would make the step wait for that copy: it is drawn
-    where the images are, from a generator of that device (on a CPU the same permutation as before)."""
-    drawn, randperm = [], torch.randperm
-    monkeypatch.setattr(torch, "randperm", lambda *args, **kwargs: drawn.append(kwargs) or randperm(*args, **kwargs))
+def test_shuffle_bn_copies_its_host_permutation_without_waiting(monkeypatch):
+    """The permutation is drawn on the host (the same on every rank, whatever its GPU) and reaches the images'
+    device by to_device: from pinned memory, non-blocking (a plain copy would make the GPU wait for the host)."""
+    copies = []
+    monkeypatch.setattr(moco, "to_device", lambda x, device: copies.append((x.device.type, device)) or x.to(device))
     model = moco.MoCo(tiny(shuffle_bn=True, bn_groups=2)).train()
     x = images()
     model.keys(x, draw=5)
-    assert [(k.get("device"), k["generator"].device) for k in drawn] == [(x.device, x.device)]
+    assert copies == [("cpu", x.device)]
 
 
 def test_shuffle_bn_on_two_ranks_equals_one_process():
