@@ -138,9 +138,12 @@ def test_a_view_equals_torchvisions_steps_in_the_images_own_order():
     torch.testing.assert_close(view.apply(images, p), torch.stack(expected), atol=1e-4, rtol=0)
 
 
-def test_images_of_different_sizes_are_cropped_each_at_its_own_size():
+@pytest.mark.parametrize("group", [8, 2])
+def test_images_of_different_sizes_are_cropped_each_at_its_own_size(group, monkeypatch):
     """A list of images of any sizes (a batch of decoded files) gets the views each image would get alone at the
-    same parameters; each box follows the rule at that image's size."""
+    same parameters, resized a group of zero-padded cut-outs at a time (one group, or groups of 2, 2 and 1); each
+    box follows the rule at that image's size."""
+    monkeypatch.setattr("common.batched.CUT_OUTS_A_GROUP", group)
     g = torch.Generator().manual_seed(0)
     sizes = [(40, 30), (32, 32), (17, 60), (60, 17), (32, 32)]  # the last two: the fallback's narrow and wide cases
     images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g) for h, w in sizes]
