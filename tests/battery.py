@@ -1,5 +1,6 @@
 """Battery plumbing: MethodCase (what a method script declares to the battery), quick_args (a short run of a
-method script on synthetic data) and run_ranks (gloo processes)."""
+method script on synthetic data), run_ranks (gloo processes, under NCCL's rules: tests/nccl_rules.py), and
+HostSyncs / CountedLoader (what would make a GPU wait, counted on a CPU during chosen steps)."""
 import importlib
 import os
 import sys
@@ -82,13 +83,13 @@ class HostSyncs(TorchDispatchMode):
     INDEXING = ("aten.index.Tensor", "aten.index_put.default", "aten.index_put_.default",
                 "aten._index_put_impl_.default")
 
-    def __init__(self):
-        super().__init__()
-        self.counting, self.found = False, []
-
     # host-only work that looks like a sync on a CPU: (file, function) -> why it is none on a GPU
     HOST_ONLY = {("common/runtime.py", "agree"): "the stop-signal flags: a CPU tensor on the hosts' gloo group",
                  ("common/batched.py", "plan"): "the views' parameters, arranged on the host for their one copy"}
+
+    def __init__(self):
+        super().__init__()
+        self.counting, self.found = False, []
 
     def note(self, what):
         stack = [f for f in traceback.extract_stack()[:-2] if f.filename.startswith(REPO) and "/tests/" not in
