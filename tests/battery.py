@@ -91,9 +91,14 @@ class HostSyncs(TorchDispatchMode):
         super().__init__()
         self.counting, self.found = False, []
 
+    @staticmethod
+    def ours(filename):
+        """A file of the repository's code: not a test, nor a package installed in a virtual environment kept
+        inside the repository (.venv/)."""
+        return filename.startswith(REPO + os.sep) and "/tests/" not in filename and "site-packages" not in filename
+
     def note(self, what):
-        stack = [f for f in traceback.extract_stack()[:-2] if f.filename.startswith(REPO) and "/tests/" not in
-                 f.filename]
+        stack = [f for f in traceback.extract_stack()[:-2] if self.ours(f.filename)]
         if any((os.path.relpath(f.filename, REPO), f.name) in self.HOST_ONLY for f in stack):
             return
         where = f"{os.path.relpath(stack[-1].filename, REPO)}:{stack[-1].lineno}" if stack else "?"
@@ -116,7 +121,7 @@ class HostSyncs(TorchDispatchMode):
 
         def checked(tensor, *args, **kwargs):
             to_device = "device" in kwargs or any(isinstance(a, (torch.device, str)) for a in args)
-            ours = sys._getframe(1).f_code.co_filename.startswith(REPO)  # torch's own .to() of a device's tensor
+            ours = self.ours(sys._getframe(1).f_code.co_filename)  # not torch's own .to() of a device's tensor
             if self.counting and to_device and ours and not kwargs.get("non_blocking", False):
                 self.note("a blocking copy to the device")
             return to(tensor, *args, **kwargs)
