@@ -128,6 +128,27 @@ def test_linear_probe_steps_never_wait_for_the_device(checkpoint, tmp_path, monk
     assert linear_eval.cache_dtype(torch.device("cpu")) == torch.float32
 
 
+def test_an_fp16_cache_that_overflows_is_made_again_in_fp32(checkpoint, tmp_path, monkeypatch, capsys):
+    """A trunk whose features exceed fp16's range (65504) on a GPU: the cache is extracted again in fp32, with a
+    warning (a CPU plays the GPU: its cache asked in fp16, the features made to overflow there)."""
+    import linear_eval
+    from common.config import parse_config
+    extract, dtypes = linear_eval.extract_features, []
+
+    def overflowing(*args, dtype=torch.float32, **kwargs):
+        dtypes.append(dtype)
+        feats, labels = extract(*args, dtype=dtype, **kwargs)
+        return (feats * 1e6).to(dtype) if dtype == torch.float16 else feats, labels
+    monkeypatch.setattr(linear_eval, "cache_dtype", lambda device: torch.float16)
+    monkeypatch.setattr(linear_eval, "extract_features", overflowing)
+    linear_eval.main(parse_config(linear_eval.Config, [
+        *map(str, LINEAR[1:]), "--checkpoint", str(checkpoint), "--cache_features", "true", "--epochs", "1",
+        "--batch_size", "16", "--out", str(tmp_path / "probe.json")]))
+    assert dtypes == [torch.float16, torch.float32, torch.float32]  # train (fp16, again fp32), then val
+    assert "exceed fp16's range" in capsys.readouterr().err
+    assert 0 <= read_json(tmp_path / "probe.json")["top1"] <= 100
+
+
 def test_linear_torchrun_matches_single_process(linear_cached, checkpoint, tmp_path):
     """Two ranks, each half of a global batch of 32: the same training as one process with batches of 32."""
     out = tmp_path / "linear.json"
