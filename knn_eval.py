@@ -25,11 +25,13 @@ import os
 from dataclasses import dataclass
 
 from common.augment import eval_transform
+from common.checkpoints import load_backbone
 from common.config import UsageError, parse_config, usage_errors
 from common.data import Transformed, labelled_split, subset
+from common.distributed import close_distributed, init_distributed, lost_rank_errors
 from common.knn import knn_accuracy
-from common.runtime import (close_distributed, init_distributed, load_backbone, lost_rank_errors,
-                            resolve_precision, write_json)
+from common.precision import resolve_precision
+from common.run_folder import write_json
 
 
 @dataclass

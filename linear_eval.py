@@ -43,13 +43,15 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from common.augment import eval_transform, linear_train_transform
+from common.checkpoints import load_backbone, load_checkpoint, load_state, save_checkpoint
 from common.config import UsageError, parse_config, usage_errors
 from common.data import (EpochSampler, SeededViews, Transformed, ignore_stop_signals, labelled_split, labels_of,
                          subset)
+from common.distributed import close_distributed, init_distributed, lost_rank_errors
 from common.knn import extract_features, topk_correct
-from common.runtime import (RUN_ONLY_KEYS, StopSignals, autocast, changed_settings, close_distributed,
-                            init_distributed, load_checkpoint, load_backbone, load_state, lost_rank_errors,
-                            resolve_precision, save_checkpoint, to_device, write_json)
+from common.precision import autocast, resolve_precision, to_device
+from common.run_folder import RUN_ONLY_KEYS, changed_settings, write_json
+from common.stopping import StopSignals
 
 
 @dataclass

@@ -38,11 +38,14 @@ from tqdm import tqdm
 
 from common.augment import two_views
 from common.backbones import backbone_args, build_backbone
+from common.checkpoints import Checkpointer
 from common.config import UsageError, parse_config, usage_errors
+from common.distributed import close_distributed, init_distributed, lost_rank_errors
 from common.knn import KnnMonitor
 from common.loaders import pretrain_loader
-from common.runtime import (Checkpointer, MetricLog, StepMetrics, autocast, check_run, close_distributed,
-                            init_distributed, lost_rank_errors, resolve_precision, write_run_config)
+from common.precision import autocast, resolve_precision
+from common.run_folder import MetricLog, check_run, write_run_config
+from common.step_metrics import StepMetrics
 
 
 @dataclass

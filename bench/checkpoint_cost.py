@@ -22,8 +22,9 @@ import torch.multiprocessing as mp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import simclr  # noqa: E402 (after the path set-up)
+from common.checkpoints import Checkpointer  # noqa: E402
 from common.config import load_config  # noqa: E402
-from common.runtime import Checkpointer, StepMetrics  # noqa: E402
+from common.step_metrics import StepMetrics  # noqa: E402
 from machine import machine  # noqa: E402 (bench/machine.py)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

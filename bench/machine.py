@@ -21,7 +21,7 @@ def machine():
     sys.path.insert(0, REPO)
     import torch
 
-    from common.runtime import cpu_bf16_support
+    from common.precision import cpu_bf16_support
     native, capability = cpu_bf16_support()
     text = (f"{cpu_name()} ({capability}: {'native' if native else 'emulated'} bf16), {os.cpu_count()} cores, "
             f"torch {torch.__version__}")

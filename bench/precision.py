@@ -20,7 +20,7 @@ from machine import REPO, machine  # bench/machine.py
 
 sys.path.insert(0, REPO)
 from common.backbones import backbone_args, build_backbone  # noqa: E402 (after the path set-up)
-from common.runtime import autocast, resolve_precision  # noqa: E402
+from common.precision import autocast, resolve_precision  # noqa: E402
 
 
 def seconds_per_step(precision, device, batch_size, repeats):

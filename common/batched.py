@@ -25,7 +25,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 from common.augment import MEAN_STD, blur_kernel_size
 from common.config import UsageError
 from common.data import EpochSampler, ignore_stop_signals, labels_of
-from common.runtime import to_device
+from common.precision import to_device
 
 GRAY = (0.2989, 0.587, 0.114)  # torchvision's (ITU-R 601-2) luma weights
 

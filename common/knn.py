@@ -16,7 +16,7 @@ from tqdm import tqdm
 from common.augment import eval_transform
 from common.config import UsageError
 from common.data import Transformed, ignore_stop_signals, labelled_split
-from common.runtime import autocast
+from common.precision import autocast
 
 
 @torch.no_grad()

@@ -84,7 +84,7 @@ class HostSyncs(TorchDispatchMode):
                 "aten._index_put_impl_.default")
 
     # host-only work that looks like a sync on a CPU: (file, function) -> why it is none on a GPU
-    HOST_ONLY = {("common/runtime.py", "agree"): "the stop-signal flags: a CPU tensor on the hosts' gloo group",
+    HOST_ONLY = {("common/stopping.py", "agree"): "the stop-signal flags: a CPU tensor on the hosts' gloo group",
                  ("common/batched.py", "plan"): "the views' parameters, arranged on the host for their one copy"}
 
     def __init__(self):

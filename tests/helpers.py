@@ -1,5 +1,5 @@
 """Shared test helpers: run the repo's scripts as a user would, check their error messages, and RunConfig (the
-run settings common/runtime.py reads, for tests that call it in process)."""
+run settings common/ reads, for tests that call it in process)."""
 import json
 import os
 import subprocess
@@ -59,7 +59,7 @@ def fake_cpu(monkeypatch, machine="x86_64", amx=False, avx512_bf16=False, arm_bf
     """What resolve_precision asks torch about this CPU, answered as a CPU of that kind would."""
     import torch
 
-    monkeypatch.setattr("common.runtime.platform.machine", lambda: machine)
+    monkeypatch.setattr("common.precision.platform.machine", lambda: machine)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: arm_bf16)
@@ -68,7 +68,7 @@ def fake_cpu(monkeypatch, machine="x86_64", amx=False, avx512_bf16=False, arm_bf
 
 @dataclass
 class RunConfig:
-    """The run settings common/runtime.py reads from a method script's Config."""
+    """The run settings common/ reads from a method script's Config."""
     epochs: int = 2
     batch_size: int = 16
     lr: float = 0.1

@@ -156,7 +156,7 @@ def test_vit_options_on_a_resnet_are_clear_errors():
 
 def test_evaluation_rebuilds_a_torchvision_model_trunk(tmp_path):
     """knn_eval.py and linear_eval.py rebuild the trunk from the checkpoint's backbone_args (load_backbone)."""
-    from common.runtime import load_backbone
+    from common.checkpoints import load_backbone
     args = backbone_args("squeezenet1_1", 32, "false")
     trunk, _ = build_backbone(**args)
     torch.save({"method": "SimCLR", "backbone": trunk.state_dict(), "backbone_args": args}, tmp_path / "last.pt")

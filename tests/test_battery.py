@@ -30,7 +30,8 @@ from PIL import Image
 
 from battery import TRAINED_ARGS, CountedLoader, HostSyncs, case_of, quick_args, run_ranks
 from common.config import load_config, parse_config, usage_errors
-from common.runtime import StepMetrics, resolve_precision
+from common.precision import resolve_precision
+from common.step_metrics import StepMetrics
 from helpers import REPO, assert_clean_error, assert_one_line_error, fake_cpu, read_jsonl, run_script
 
 # every tests/case_<method>.py is a method of the battery; SimCLR first, the reference of the shared parts

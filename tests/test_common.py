@@ -15,12 +15,14 @@ from helpers import REPO, RunConfig, assert_one_line_error, fake_cpu, run_script
 from common import MIN_TORCH, MIN_TORCHVISION
 from common.augment import eval_transform, multi_crop, two_views
 from common.backbones import ARCHS, RESNETS, apply_cifar_stem, backbone_args, build_backbone
+from common.checkpoints import check_schedule, load_checkpoint, rng_states, save_checkpoint, set_rng_states
 from common.config import ConfigError, UsageError, load_config, usage
 from common.data import EpochSampler, SeededViews, Synthetic, build_dataset, labels_of, subset
 from common.knn import knn_predict, topk_correct
 from common.loaders import pretrain_loader
-from common.runtime import (StepMetrics, changed_settings, check_schedule, load_checkpoint, resolve_precision,
-                            rng_states, save_checkpoint, set_rng_states)
+from common.precision import resolve_precision
+from common.run_folder import changed_settings
+from common.step_metrics import StepMetrics
 
 
 @dataclass
@@ -328,7 +330,7 @@ def test_checkpoint_roundtrip_and_corruption(tmp_path):
 
 def test_cudnn_picks_its_fastest_algorithms_on_a_gpu(monkeypatch):
     """The inputs keep their sizes from step to step: cuDNN's benchmark mode (as the official repositories)."""
-    from common.runtime import init_distributed
+    from common.distributed import init_distributed
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -453,7 +455,7 @@ def test_resumed_optimizer_keeps_this_runs_settings():
     """torch's load_state_dict would replace every group's settings with the saved ones: a resumed run with a
     new --weight_decay would silently keep the old one, and groups saved without lr_ratio would break set_lr.
     The state (momentum buffers) comes from the checkpoint; the settings stay this run's."""
-    from common.runtime import load_state
+    from common.checkpoints import load_state
     weight = nn.Parameter(torch.ones(2, 2))
     weight.grad = torch.ones(2, 2)
     saved = torch.optim.SGD([weight], lr=0.1, momentum=0.9, weight_decay=0.5)
@@ -481,7 +483,7 @@ def test_resumed_optimizer_keeps_this_runs_settings():
     ("stop_timeout", 0, "stop_timeout must be a positive number of seconds, got 0"),
 ])
 def test_run_settings_are_checked_before_anything_runs(tmp_path, key, value, message):
-    from common.runtime import check_run
+    from common.run_folder import check_run
     with pytest.raises(UsageError, match=message):
         check_run(RunConfig(out_dir=str(tmp_path / "run"), **{key: value}))
     assert not (tmp_path / "run").exists()

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from common.runtime import resolve_precision
+from common.precision import resolve_precision
 from helpers import assert_ok, assert_one_line_error, run_script, run_torchrun
 
 # small fixed subsets keep every run a few seconds; k=20 because with k >= the bank size (100) every class
@@ -190,7 +190,7 @@ def test_a_vit_checkpoint_at_another_image_size_says_what_it_holds(tmp_path):
     """A ViT's position embeddings fix its image size: 64 px for a trunk trained at 32 px does not fit."""
     from common.backbones import backbone_args, build_backbone
     from common.config import UsageError
-    from common.runtime import load_backbone
+    from common.checkpoints import load_backbone
     args = backbone_args("vit_tiny", 32, patch_size=8)
     trunk, _ = build_backbone(**args)
     torch.save({"method": "DINO", "backbone": trunk.state_dict(), "backbone_args": args}, tmp_path / "last.pt")

@@ -1,10 +1,10 @@
 """What docs/reliability.md promises, each with the test that proves it: checkpoints at any step that survive
 kills, corrupt files and full disks; resume: auto; stop signals; a dead or hung rank; non-finite steps.
 
-In process (fast): the Checkpointer and StepMetrics of common/runtime.py on a tiny model. As a user would
-(subprocesses): SIGTERM, a second signal, the stop deadline, SIGKILL in the middle of a checkpoint write, and
-under torchrun a signal to one rank, a killed rank and a hung one. The battery (test_battery.py) resumes every
-method from mid-epoch checkpoints with 0 and 2 data workers."""
+In process (fast): the Checkpointer (common/checkpoints.py) and StepMetrics (common/step_metrics.py) on a tiny
+model. As a user would (subprocesses): SIGTERM, a second signal, the stop deadline, SIGKILL in the middle of a
+checkpoint write, and under torchrun a signal to one rank, a killed rank and a hung one. The battery
+(test_battery.py) resumes every method from mid-epoch checkpoints with 0 and 2 data workers."""
 import contextlib
 import errno
 import json
@@ -22,9 +22,12 @@ import torch.nn as nn
 
 from battery import quick_args, run_ranks
 from helpers import REPO, RunConfig, _env, assert_ok, assert_one_line_error, read_jsonl, run_script, run_torchrun
+from common.checkpoints import Checkpointer
 from common.config import UsageError
-from common.runtime import (EXIT_FORCED, EXIT_LOST_RANK, EXIT_PREEMPTED, Checkpointer, StepMetrics, check_run,
-                            trim_metrics)
+from common.distributed import EXIT_LOST_RANK
+from common.run_folder import check_run, trim_metrics
+from common.step_metrics import StepMetrics
+from common.stopping import EXIT_FORCED, EXIT_PREEMPTED
 
 CPU = torch.device("cpu")
 
@@ -464,7 +467,7 @@ def test_torchrun_a_signal_to_one_rank_then_a_killed_rank_give_the_uninterrupted
 def test_a_collective_that_lost_its_peer_is_one_line_and_its_own_status(message, monkeypatch, capsys):
     import torch.distributed as dist
 
-    from common.runtime import lost_rank_errors
+    from common.distributed import lost_rank_errors
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_rank", lambda: 1)
     monkeypatch.setattr(os, "_exit", lambda status: (_ for _ in ()).throw(SystemExit(status)))
