@@ -11,15 +11,15 @@ gradient. The online prediction of one view regresses the target projection of t
     loss     = mean over the batch of L(v, v') + L(v', v)           (Eq. 2, and the paper's L + L~)
 
 so identical directions give 0 and opposite ones 2 x 4 = 8. Only theta is trained; after each optimizer
-step k of K the target follows it, xi <- tau * xi + (1 - tau) * theta (parameters only), with
-tau = 1 - (1 - base_tau) * (cos(pi * k / K) + 1) / 2.
+step k of K the target follows it, xi <- m * xi + (1 - m) * theta (parameters only), with the EMA rate (the paper's
+tau; m here, tau being a temperature elsewhere) m = 1 - (1 - base_ema) * (cos(pi * k / K) + 1) / 2.
 
 The paper's Algorithm 1 in this file:
     q_theta(g_theta(f_theta(v)))          BYOL.forward, online network: p1, p2
     sg(g_xi(f_xi(v')))                    BYOL.forward, target network under torch.no_grad(): target_z1, target_z2
     L + L~                                byol_loss(p1, p2, target_z1, target_z2)
     theta <- optimizer(theta, grad, lr)   LARS / SGD step in train()
-    xi <- tau xi + (1 - tau) theta        BYOL.update_target(tau) -> ema_update; tau = tau_at(step)
+    xi <- m xi + (1 - m) theta            BYOL.update_target(m) -> ema_update; m = ema_at(step)
 After training, only the online backbone f_theta is kept ("backbone" in the checkpoint): the representation
 that knn_eval.py and linear_eval.py measure.
 
@@ -43,7 +43,7 @@ from tqdm import tqdm
 from common.augment import two_views
 from common.backbones import backbone_args, build_backbone
 from common.checkpoints import Checkpointer
-from common.config import UsageError, parse_config, usage_errors
+from common.config import PretrainConfig, UsageError, parse_config, usage_errors
 from common.distributed import close_distributed, init_distributed, lost_rank_errors
 from common.knn import KnnMonitor
 from common.loaders import pretrain_loader
@@ -53,18 +53,12 @@ from common.step_metrics import StepMetrics
 
 
 @dataclass
-class Config:
-    # data
-    dataset: str = "cifar10"  # cifar10 | cifar100 | stl10 | folder | synthetic
-    data_dir: str = "data"  # dataset root (folder: an ImageFolder tree with train/ and val/)
-    download: bool = False  # let torchvision download cifar10 / cifar100 / stl10 into data_dir
-    subset: int = 0  # pre-train on a fixed random subset of this many images (0 = all)
+class Config(PretrainConfig):
+    """BYOL's method and recipe; the data and run settings every script shares are in PretrainConfig."""
+    # views
     image_size: int = 32  # side of the random crops
     augment: str = "asym"  # view preset (common/augment.py): sym | sym_weak | moco_v1 | asym
     crop_min_scale: float = 0.08  # smallest area fraction of RandomResizedCrop
-    num_workers: int = 4  # data-loading processes per rank
-    views: str = "auto"  # batched (a batch at a time on the device) | workers (per image) | auto: batched unless folder
-    bad_images: str = "stop"  # an unreadable image file: stop (naming it) | skip (warn, use the next image)
     # model
     arch: str = "resnet18"  # backbone (common/backbones.py)
     cifar_stem: str = "auto"  # 3x3 stride-1 first conv, no max-pool: auto (on at <= 64 px) | true | false
@@ -75,7 +69,7 @@ class Config:
     proj_dim: int = 256  # width of z (and of the predictor's output)
     pred_hidden_dim: int = 4096  # width of the predictor q's hidden layer: Linear-BN-ReLU-Linear
     head_last_bias: bool = True  # a bias in the output Linear of g and q (the official code has none)
-    base_tau: float = 0.99  # EMA rate tau of the target at step 0; a cosine up to 1 at the last step
+    base_ema: float = 0.99  # EMA rate m of the target at step 0; a cosine up to 1 at the last step
     # optimisation
     epochs: int = 1000  # training length
     batch_size: int = 256  # images per rank; global_batch = batch_size x world_size
@@ -89,24 +83,7 @@ class Config:
     momentum: float = 0.9  # SGD / LARS momentum
     lars_eta: float = 0.02  # LARS trust coefficient
     lars_clip: bool = True  # LARC-style clipping: the adapted lr never exceeds the scheduled lr
-    precision: str = "auto"  # auto (bf16 where native, else fp16 on GPU, fp32 on CPU) | bf16 | fp16 (GPU) | fp32
-    channels_last: bool = True  # NHWC memory format (faster convolutions with mixed precision)
-    compile: bool = False  # torch.compile the model
-    seed: int = 0  # model init, data order and augmentations
-    # run
     out_dir: str = "runs/byol"  # run folder: config.json, metrics.jsonl, checkpoints (last.pt is the newest)
-    resume: str = "auto"  # auto: continue the run in out_dir if it holds one with these settings | true | false
-    checkpoint_every_steps: int = 0  # also checkpoint every this many steps (0 = off; always at epoch ends)
-    checkpoint_every_minutes: float = 30.0  # also checkpoint every this many minutes (0 = off)
-    keep_checkpoints: int = 2  # step_XXXXXXXX.pt files kept (older ones are deleted; epoch snapshots stay)
-    snapshot_every: int = 100  # also keep epoch_XXXX.pt every this many epochs (and at the end)
-    stop_timeout: float = 120.0  # after SIGTERM / SIGUSR1: seconds to finish the step and checkpoint, else exit
-    dist_timeout: float = 600.0  # seconds a rank waits for the others in a collective before the job stops
-    skip_nonfinite: int = 0  # steps with a non-finite loss or gradient to skip (0: stop at the first)
-    log_every: int = 10  # steps between lines of metrics.jsonl
-    knn_every: int = 0  # epochs between online kNN checks on the labelled train/val splits (0 = off)
-    knn_k: int = 200  # neighbours of the kNN monitor
-    knn_temperature: float = 0.07  # vote temperature of the kNN monitor
 
 
 # ---- model ----
@@ -159,16 +136,16 @@ class BYOL(nn.Module):
             target_z2 = self.target_projector(self.target_backbone(x2))  # n x proj_dim
         return p1, p2, target_z1, target_z2
 
-    def update_target(self, tau):
-        ema_update(self.target_backbone, self.backbone, tau)
-        ema_update(self.target_projector, self.projector, tau)
+    def update_target(self, m):
+        ema_update(self.target_backbone, self.backbone, m)
+        ema_update(self.target_projector, self.projector, m)
 
 
 @torch.no_grad()
-def ema_update(target, online, tau):
-    """xi <- tau * xi + (1 - tau) * theta for every parameter; buffers are left alone (see BYOL)."""
+def ema_update(target, online, m):
+    """xi <- m * xi + (1 - m) * theta for every parameter; buffers are left alone (see BYOL)."""
     for xi, theta in zip(target.parameters(), online.parameters(), strict=True):
-        xi.mul_(tau).add_(theta, alpha=1 - tau)
+        xi.mul_(m).add_(theta, alpha=1 - m)
 
 
 # ---- loss and cross-rank operations ----
@@ -259,9 +236,9 @@ def lr_at(step, total_steps, warmup_steps, peak_lr, min_lr=0.0):
     return min_lr + 0.5 * (peak_lr - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def tau_at(step, total_steps, base_tau, final_tau=1.0):
-    """EMA rate tau of the target: base_tau at step 0, a cosine up to final_tau at total_steps (BYOL: 1)."""
-    return final_tau - (final_tau - base_tau) * (math.cos(math.pi * min(step, total_steps) / total_steps) + 1) / 2
+def ema_at(step, total_steps, base_ema, final_ema=1.0):
+    """The EMA rate m after step `step` (0 = the first): base_ema at step 0, a cosine up to final_ema at total_steps."""
+    return final_ema - (final_ema - base_ema) * (math.cos(math.pi * min(step, total_steps) / total_steps) + 1) / 2
 
 
 # ---- training ----
@@ -310,7 +287,6 @@ def train(cfg):
         tic = time.time()
         for (x1, x2), _ in bar:
             lr = lr_at(step, total_steps, warmup_steps, peak_lr, cfg.min_lr)
-            tau = tau_at(step, total_steps, cfg.base_tau)
             set_lr(optimizer, lr, peak_lr)
             x1 = x1.to(device, non_blocking=True, memory_format=memory_format)
             x2 = x2.to(device, non_blocking=True, memory_format=memory_format)
@@ -325,11 +301,12 @@ def train(cfg):
             if metrics.add(loss=loss, grad_norm=grad_norm):
                 scaler.step(optimizer)
             scaler.update()
-            model.update_target(tau)  # after the step: xi <- tau * xi + (1 - tau) * theta
+            m = ema_at(step, total_steps, cfg.base_ema)
+            model.update_target(m)  # after the step: xi <- m * xi + (1 - m) * theta
             step += 1
             save = checkpointer.due(step)  # every checkpoint_every_steps / _minutes, or after SIGTERM / SIGUSR1
             if step % cfg.log_every == 0 or save:  # the host sync (besides fp16's GradScaler): read, average, check
-                stats = {**metrics.read(step), "train/lr": lr, "schedule/tau": tau}
+                stats = {**metrics.read(step), "train/lr": lr, "schedule/ema": m}
                 log.write(step=step, epoch=epoch + 1, **stats)
                 bar.set_postfix(loss=f"{stats['train/loss']:.4f}", lr=f"{lr:.3g}")
             if save:

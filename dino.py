@@ -12,14 +12,15 @@ sharpened, the student's softened, and the student matches the teacher across cr
              H(P_t(x), P_s(x')) = - sum_k P_t(x)_k log P_s(x')_k                          (Eq. 2, Alg. 1)
 
 then c <- m c + (1 - m) mean of g_t over the global crops of the GLOBAL batch (all ranks), and
-theta_t <- lambda theta_t + (1 - lambda) theta_s after each optimizer step (lambda: a cosine from base_tau to 1).
+theta_t <- m theta_t + (1 - m) theta_s after each optimizer step (the EMA rate m, the paper's lambda: a cosine from
+base_ema to 1).
 
 The paper's Algorithm 1 in this file:
     s1, s2, ... = gs(x1), gs(x2), ...           DINO.forward: student on every crop, one pass per resolution
     t1, t2 = gt(x1), gt(x2)                     DINO.forward, under torch.no_grad(): teacher on the 2 global crops
     loss = H(t1, s2..)/2 + H(t2, s1, s3..)/2    dino_loss: t = softmax((t - C) / tau_t) detached, s log-softmaxed
     update(gs)                                  AdamW / LARS / SGD step in train() (per-parameter gradient clip)
-    gt.params = l gt.params + (1 - l) gs.params DINO.update_teacher(tau) -> ema_update; tau = tau_at(step)
+    gt.params = m gt.params + (1 - m) gs.params DINO.update_teacher(m) -> ema_update; m = ema_at(step)
     C = m C + (1 - m) cat([t1, t2]).mean(0)     update_center, the mean over ALL ranks
 After training, the teacher's backbone is kept ("backbone" in the checkpoint, as the official evaluation uses
 the teacher): the representation that knn_eval.py and linear_eval.py measure.
@@ -63,7 +64,7 @@ from tqdm import tqdm
 from common.augment import multi_crop
 from common.backbones import backbone_args, build_backbone
 from common.checkpoints import Checkpointer
-from common.config import UsageError, parse_config, usage_errors
+from common.config import PretrainConfig, UsageError, parse_config, usage_errors
 from common.distributed import close_distributed, init_distributed, lost_rank_errors
 from common.knn import KnnMonitor
 from common.loaders import pretrain_loader
@@ -73,21 +74,15 @@ from common.step_metrics import StepMetrics
 
 
 @dataclass
-class Config:
-    # data
-    dataset: str = "cifar10"  # cifar10 | cifar100 | stl10 | folder | synthetic
-    data_dir: str = "data"  # dataset root (folder: an ImageFolder tree with train/ and val/)
-    download: bool = False  # let torchvision download cifar10 / cifar100 / stl10 into data_dir
-    subset: int = 0  # pre-train on a fixed random subset of this many images (0 = all)
+class Config(PretrainConfig):
+    """DINO's method and recipe; the data and run settings every script shares are in PretrainConfig."""
+    # views
     image_size: int = 32  # side of the 2 global crops
     local_size: int = 16  # side of the local crops
     num_local: int = 6  # local crops per image (0: the 2 global crops only)
     augment: str = "asym"  # view preset of the global crops (common/augment.py): sym | sym_weak | moco_v1 | asym
     crop_min_scale: float = 0.14  # global crops: RandomResizedCrop scale (crop_min_scale, 1)
     local_min_scale: float = 0.05  # local crops: scale (local_min_scale, crop_min_scale)
-    num_workers: int = 4  # data-loading processes per rank
-    views: str = "auto"  # batched (a batch at a time on the device) | workers (per image) | auto: batched unless folder
-    bad_images: str = "stop"  # an unreadable image file: stop (naming it) | skip (warn, use the next image)
     # model
     arch: str = "resnet18"  # backbone (common/backbones.py)
     cifar_stem: str = "auto"  # 3x3 stride-1 first conv, no max-pool: auto (on at <= 64 px) | true | false
@@ -106,7 +101,7 @@ class Config:
     warmup_teacher_temperature: float = 0.04  # tau_t at step 0, rising linearly to teacher_temperature ...
     warmup_teacher_temperature_epochs: float = 50.0  # ... over this many epochs
     center_momentum: float = 0.9  # m of the center's moving average
-    base_tau: float = 0.9995  # EMA rate of the teacher at step 0; a cosine up to 1 at the last step
+    base_ema: float = 0.9995  # EMA rate m of the teacher at step 0; a cosine up to 1 at the last step
     # optimisation
     epochs: int = 1000  # training length
     batch_size: int = 256  # images per rank; global_batch = batch_size x world_size
@@ -122,24 +117,7 @@ class Config:
     lars_eta: float = 0.02  # LARS trust coefficient
     lars_clip: bool = True  # LARC-style clipping: the adapted lr never exceeds the scheduled lr
     clip_grad: float = 3.0  # each parameter's gradient clipped to this norm (0 = off)
-    precision: str = "auto"  # auto (bf16 where native, else fp16 on GPU, fp32 on CPU) | bf16 | fp16 (GPU) | fp32
-    channels_last: bool = True  # NHWC memory format (faster convolutions with mixed precision)
-    compile: bool = False  # torch.compile the model
-    seed: int = 0  # model init, data order and augmentations
-    # run
     out_dir: str = "runs/dino"  # run folder: config.json, metrics.jsonl, checkpoints (last.pt is the newest)
-    resume: str = "auto"  # auto: continue the run in out_dir if it holds one with these settings | true | false
-    checkpoint_every_steps: int = 0  # also checkpoint every this many steps (0 = off; always at epoch ends)
-    checkpoint_every_minutes: float = 30.0  # also checkpoint every this many minutes (0 = off)
-    keep_checkpoints: int = 2  # step_XXXXXXXX.pt files kept (older ones are deleted; epoch snapshots stay)
-    snapshot_every: int = 100  # also keep epoch_XXXX.pt every this many epochs (and at the end)
-    stop_timeout: float = 120.0  # after SIGTERM / SIGUSR1: seconds to finish the step and checkpoint, else exit
-    dist_timeout: float = 600.0  # seconds a rank waits for the others in a collective before the job stops
-    skip_nonfinite: int = 0  # steps with a non-finite loss or gradient to skip (0: stop at the first)
-    log_every: int = 10  # steps between lines of metrics.jsonl
-    knn_every: int = 0  # epochs between online kNN checks on the labelled train/val splits (0 = off)
-    knn_k: int = 200  # neighbours of the kNN monitor
-    knn_temperature: float = 0.07  # vote temperature of the kNN monitor
 
 
 # ---- model ----
@@ -213,16 +191,16 @@ class DINO(nn.Module):
         """The trunk the checkpoint keeps for evaluation: the teacher's, as the official evaluation."""
         return self.teacher_backbone
 
-    def update_teacher(self, tau):
-        ema_update(self.teacher_backbone, self.backbone, tau)
-        ema_update(self.teacher_head, self.head, tau)
+    def update_teacher(self, m):
+        ema_update(self.teacher_backbone, self.backbone, m)
+        ema_update(self.teacher_head, self.head, m)
 
 
 @torch.no_grad()
-def ema_update(target, online, tau):
-    """xi <- tau * xi + (1 - tau) * theta for every parameter; buffers are left alone (see BYOL)."""
+def ema_update(target, online, m):
+    """xi <- m * xi + (1 - m) * theta for every parameter; buffers are left alone (see BYOL)."""
     for xi, theta in zip(target.parameters(), online.parameters(), strict=True):
-        xi.mul_(tau).add_(theta, alpha=1 - tau)
+        xi.mul_(m).add_(theta, alpha=1 - m)
 
 
 def check_dino(cfg):
@@ -290,7 +268,8 @@ def collapse_warning(stats, num_prototypes):
     entropy, kl = stats["train/epoch_teacher_entropy"], stats["train/epoch_kl"]
     if entropy > 0.98 * ln_k or kl < 1e-3:
         return (f"warning: DINO looks collapsed: teacher entropy {entropy:.3f} (ln K = {ln_k:.3f}), KL teacher -> "
-                f"student {kl:.2g}. Try a lower --teacher_temperature, or --precision fp32 if the loss is NaN")
+                f"student {kl:.2g}. Try a lower --teacher_temperature or a longer "
+                "--warmup_teacher_temperature_epochs; see docs/troubleshooting.md#collapse-in-swav-or-dino")
     return None
 
 
@@ -376,9 +355,9 @@ def lr_at(step, total_steps, warmup_steps, peak_lr, min_lr=0.0):
     return min_lr + 0.5 * (peak_lr - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def tau_at(step, total_steps, base_tau, final_tau=1.0):
-    """EMA rate tau of the target: base_tau at step 0, a cosine up to final_tau at total_steps (BYOL: 1)."""
-    return final_tau - (final_tau - base_tau) * (math.cos(math.pi * min(step, total_steps) / total_steps) + 1) / 2
+def ema_at(step, total_steps, base_ema, final_ema=1.0):
+    """The EMA rate m after step `step` (0 = the first): base_ema at step 0, a cosine up to final_ema at total_steps."""
+    return final_ema - (final_ema - base_ema) * (math.cos(math.pi * min(step, total_steps) / total_steps) + 1) / 2
 
 
 def weight_decay_at(step, total_steps, start, end):
@@ -451,7 +430,6 @@ def train(cfg):
             weight_decay = weight_decay_at(step, total_steps, cfg.weight_decay, cfg.weight_decay_end)
             teacher_temperature = teacher_temperature_at(step, temperature_warmup_steps,
                                                          cfg.warmup_teacher_temperature, cfg.teacher_temperature)
-            tau = tau_at(step, total_steps, cfg.base_tau)
             set_lr(optimizer, lr, peak_lr)
             set_weight_decay(optimizer, weight_decay, cfg.decay_bias_and_norm)
             crops = [x.to(device, non_blocking=True, memory_format=memory_format) for x in crops]
@@ -474,11 +452,12 @@ def train(cfg):
                 scaler.step(optimizer)
                 update_center(model.center, teacher_out, cfg.center_momentum)  # after the loss that used it
             scaler.update()
-            model.update_teacher(tau)  # after the step: teacher <- tau * teacher + (1 - tau) * student
+            m = ema_at(step, total_steps, cfg.base_ema)
+            model.update_teacher(m)  # after the step: teacher <- m * teacher + (1 - m) * student
             step += 1
             save = checkpointer.due(step)  # every checkpoint_every_steps / _minutes, or after SIGTERM / SIGUSR1
             if step % cfg.log_every == 0 or save:  # the host sync (besides fp16's GradScaler): read, average, check
-                stats = {**metrics.read(step), "train/lr": lr, "schedule/tau": tau,
+                stats = {**metrics.read(step), "train/lr": lr, "schedule/ema": m,
                          "schedule/teacher_temperature": teacher_temperature, "schedule/weight_decay": weight_decay}
                 log.write(step=step, epoch=epoch + 1, **stats)
                 bar.set_postfix(loss=f"{stats['train/loss']:.4f}", lr=f"{lr:.3g}")

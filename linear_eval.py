@@ -124,7 +124,7 @@ class LARS(torch.optim.Optimizer):
                 p.add_(buf, alpha=-group["lr"])
 
 
-def build_optimizer(cfg, head):
+def build_head_optimizer(cfg, head):
     if cfg.optimizer == "lars":
         return LARS(head.parameters(), lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "sgd":
@@ -235,7 +235,7 @@ def main(cfg):
     head = nn.Linear(width, num_classes).to(device)
     nn.init.normal_(head.weight, std=0.01)
     nn.init.zeros_(head.bias)
-    optimizer = build_optimizer(cfg, head)
+    optimizer = build_head_optimizer(cfg, head)
     ddp_head = DDP(head) if world_size > 1 else head
     peak_lr, total_steps = cfg.lr * global_batch / 256, cfg.epochs * steps_per_epoch
 

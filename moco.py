@@ -7,7 +7,7 @@ v3: "An Empirical Study of Training Self-Supervised Vision Transformers". Xinlei
     ICCV 2021. arXiv:2104.02057.
 
 A query encoder f_q (backbone, projector, and in v3 a predictor) is trained; a key encoder f_k (key_backbone,
-key_projector) is its exponential moving average, xi <- m xi + (1 - m) theta (our tau_at; MoCo calls it m),
+key_projector) is its exponential moving average, xi <- m xi + (1 - m) theta (m = ema_at(step)),
 and gives the keys without gradient. With q = f_q(view 1), its positive key k+ = f_k(view 2) and negatives k_j,
 all L2-normalised, the loss of each query is InfoNCE with the positive at index 0:
 
@@ -35,7 +35,7 @@ The papers' pseudo-code in this file (v1 Algorithm 1; v3 Algorithm 1):
     l_pos = q.k+, l_neg = q.queue              moco_loss -> info_nce: logits [l_pos, l_neg] / T, label 0
     v3: logits = q . gather(k)^T, labels = arange(n) + n * rank    info_nce without a queue
     update(f_q.params)                         LARS / SGD / AdamW step in train()
-    f_k.params = m f_k.params + (1 - m) f_q    MoCo.update_key_encoder(tau_at(step)) after the step
+    f_k.params = m f_k.params + (1 - m) f_q    MoCo.update_key_encoder(ema_at(step)) after the step
     enqueue(queue, k); dequeue(queue)          enqueue: the keys of all ranks overwrite the oldest ones
 After training, only the query backbone is kept ("backbone" in the checkpoint): the representation that
 knn_eval.py and linear_eval.py measure.
@@ -61,7 +61,7 @@ from tqdm import tqdm
 from common.augment import two_views
 from common.backbones import backbone_args, build_backbone
 from common.checkpoints import Checkpointer
-from common.config import UsageError, parse_config, usage_errors
+from common.config import PretrainConfig, UsageError, parse_config, usage_errors
 from common.distributed import close_distributed, init_distributed, lost_rank_errors
 from common.knn import KnnMonitor
 from common.loaders import pretrain_loader
@@ -71,18 +71,12 @@ from common.step_metrics import StepMetrics
 
 
 @dataclass
-class Config:
-    # data
-    dataset: str = "cifar10"  # cifar10 | cifar100 | stl10 | folder | synthetic
-    data_dir: str = "data"  # dataset root (folder: an ImageFolder tree with train/ and val/)
-    download: bool = False  # let torchvision download cifar10 / cifar100 / stl10 into data_dir
-    subset: int = 0  # pre-train on a fixed random subset of this many images (0 = all)
+class Config(PretrainConfig):
+    """MoCo's method and recipe; the data and run settings every script shares are in PretrainConfig."""
+    # views
     image_size: int = 32  # side of the random crops
     augment: str = "sym_weak"  # view preset (common/augment.py): sym | sym_weak | moco_v1 | asym
     crop_min_scale: float = 0.08  # smallest area fraction of RandomResizedCrop
-    num_workers: int = 4  # data-loading processes per rank
-    views: str = "auto"  # batched (a batch at a time on the device) | workers (per image) | auto: batched unless folder
-    bad_images: str = "stop"  # an unreadable image file: stop (naming it) | skip (warn, use the next image)
     # model
     arch: str = "resnet18"  # backbone (common/backbones.py)
     cifar_stem: str = "auto"  # 3x3 stride-1 first conv, no max-pool: auto (on at <= 64 px) | true | false
@@ -104,8 +98,8 @@ class Config:
     pred_hidden_dim: int = 4096  # v3: width of the predictor's hidden layer: Linear-BN-ReLU-Linear
     pred_last_bn: bool = False  # v3 ViT: a BN without affine parameters on the predictor's output too
     temperature: float = 0.2  # tau of InfoNCE
-    base_tau: float = 0.99  # EMA rate m of the key encoder at step 0 ...
-    final_tau: float = 0.999  # ... and at the last step, a cosine in between (v1 / v2 official: both 0.999)
+    base_ema: float = 0.99  # EMA rate m of the key encoder at step 0 ...
+    final_ema: float = 0.999  # ... and at the last step, a cosine in between (v1 / v2 official: both 0.999)
     # optimisation
     epochs: int = 1000  # training length
     batch_size: int = 256  # images per rank; global_batch = batch_size x world_size
@@ -120,24 +114,7 @@ class Config:
     momentum: float = 0.9  # SGD / LARS momentum
     lars_eta: float = 0.02  # LARS trust coefficient
     lars_clip: bool = True  # LARC-style clipping: the adapted lr never exceeds the scheduled lr
-    precision: str = "auto"  # auto (bf16 where native, else fp16 on GPU, fp32 on CPU) | bf16 | fp16 (GPU) | fp32
-    channels_last: bool = True  # NHWC memory format (faster convolutions with mixed precision)
-    compile: bool = False  # torch.compile the model
-    seed: int = 0  # model init, data order and augmentations
-    # run
     out_dir: str = "runs/moco"  # run folder: config.json, metrics.jsonl, checkpoints (last.pt is the newest)
-    resume: str = "auto"  # auto: continue the run in out_dir if it holds one with these settings | true | false
-    checkpoint_every_steps: int = 0  # also checkpoint every this many steps (0 = off; always at epoch ends)
-    checkpoint_every_minutes: float = 30.0  # also checkpoint every this many minutes (0 = off)
-    keep_checkpoints: int = 2  # step_XXXXXXXX.pt files kept (older ones are deleted; epoch snapshots stay)
-    snapshot_every: int = 100  # also keep epoch_XXXX.pt every this many epochs (and at the end)
-    stop_timeout: float = 120.0  # after SIGTERM / SIGUSR1: seconds to finish the step and checkpoint, else exit
-    dist_timeout: float = 600.0  # seconds a rank waits for the others in a collective before the job stops
-    skip_nonfinite: int = 0  # steps with a non-finite loss or gradient to skip (0: stop at the first)
-    log_every: int = 10  # steps between lines of metrics.jsonl
-    knn_every: int = 0  # epochs between online kNN checks on the labelled train/val splits (0 = off)
-    knn_k: int = 200  # neighbours of the kNN monitor
-    knn_temperature: float = 0.07  # vote temperature of the kNN monitor
 
 
 # ---- model ----
@@ -169,7 +146,6 @@ class MoCo(nn.Module):
 
     def __init__(self, cfg, world_size=1):
         super().__init__()
-        check_moco(cfg, world_size)
         self.backbone_args = backbone_args(cfg.arch, cfg.image_size, cfg.cifar_stem, cfg.patch_size)
         # f_q: the query encoder
         self.backbone, width = build_backbone(**self.backbone_args, zero_init_residual=cfg.zero_init_residual,
@@ -223,16 +199,16 @@ class MoCo(nn.Module):
         restored[order] = shuffled  # back to the order of the images
         return restored.view(-1, len(x), k.shape[1])[rank]
 
-    def update_key_encoder(self, tau):
-        ema_update(self.key_backbone, self.backbone, tau)
-        ema_update(self.key_projector, self.projector, tau)
+    def update_key_encoder(self, m):
+        ema_update(self.key_backbone, self.backbone, m)
+        ema_update(self.key_projector, self.projector, m)
 
 
 @torch.no_grad()
-def ema_update(target, online, tau):
-    """xi <- tau * xi + (1 - tau) * theta for every parameter; buffers are left alone (see BYOL)."""
+def ema_update(target, online, m):
+    """xi <- m * xi + (1 - m) * theta for every parameter; buffers are left alone (see BYOL)."""
     for xi, theta in zip(target.parameters(), online.parameters(), strict=True):
-        xi.mul_(tau).add_(theta, alpha=1 - tau)
+        xi.mul_(m).add_(theta, alpha=1 - m)
 
 
 def check_moco(cfg, world_size):
@@ -375,9 +351,9 @@ def lr_at(step, total_steps, warmup_steps, peak_lr, min_lr=0.0):
     return min_lr + 0.5 * (peak_lr - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def tau_at(step, total_steps, base_tau, final_tau=1.0):
-    """EMA rate tau of the target: base_tau at step 0, a cosine up to final_tau at total_steps (BYOL: 1)."""
-    return final_tau - (final_tau - base_tau) * (math.cos(math.pi * min(step, total_steps) / total_steps) + 1) / 2
+def ema_at(step, total_steps, base_ema, final_ema=1.0):
+    """The EMA rate m after step `step` (0 = the first): base_ema at step 0, a cosine up to final_ema at total_steps."""
+    return final_ema - (final_ema - base_ema) * (math.cos(math.pi * min(step, total_steps) / total_steps) + 1) / 2
 
 
 def step_lr_at(step, steps_per_epoch, peak_lr, lr_drops):
@@ -390,6 +366,7 @@ def train(cfg):
     rank, world_size, device = init_distributed(cfg.dist_timeout)
     is_main = rank == 0
     check_run(cfg)  # settings and run folder, before anything is loaded or written
+    check_moco(cfg, world_size)
     precision, why = resolve_precision(cfg.precision, device, is_main)  # "bf16" | "fp16" | "fp32", and why
     torch.manual_seed(cfg.seed)
 
@@ -452,12 +429,14 @@ def train(cfg):
                     for queue, keys in zip(model.queue, (k2, k1)):  # queue 0, view 1's in 1); a skipped step
                         enqueue(queue, keys, step)  # (--skip_nonfinite) leaves the queue as it was
             scaler.update()
+            # after the step, for the next step's keys (the official v3 moves the key encoder at the start of the
+            # next step with that step's rate: one step later on the cosine, at most 1.6e-7 apart at 0.99, 100k steps)
+            m = ema_at(step, total_steps, cfg.base_ema, cfg.final_ema)
+            model.update_key_encoder(m)
             step += 1
-            tau = tau_at(step, total_steps, cfg.base_tau, cfg.final_tau)
-            model.update_key_encoder(tau)  # after the step, for the next step's keys (the official order)
             save = checkpointer.due(step)  # every checkpoint_every_steps / _minutes, or after SIGTERM / SIGUSR1
             if step % cfg.log_every == 0 or save:  # the host sync (besides fp16's GradScaler): read, average, check
-                stats = {**metrics.read(step), "train/lr": lr, "schedule/tau": tau}
+                stats = {**metrics.read(step), "train/lr": lr, "schedule/ema": m}
                 log.write(step=step, epoch=epoch + 1, **stats)
                 bar.set_postfix(loss=f"{stats['train/loss']:.4f}", lr=f"{lr:.3g}")
             if save:

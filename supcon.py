@@ -54,7 +54,7 @@ from tqdm import tqdm
 from common.augment import two_views
 from common.backbones import backbone_args, build_backbone
 from common.checkpoints import Checkpointer
-from common.config import UsageError, parse_config, usage_errors
+from common.config import PretrainConfig, UsageError, parse_config, usage_errors
 from common.data import labels_of
 from common.distributed import close_distributed, init_distributed, lost_rank_errors
 from common.knn import KnnMonitor
@@ -65,18 +65,12 @@ from common.step_metrics import StepMetrics
 
 
 @dataclass
-class Config:
-    # data
-    dataset: str = "cifar10"  # cifar10 | cifar100 | stl10 | folder | synthetic
-    data_dir: str = "data"  # dataset root (folder: an ImageFolder tree with train/ and val/)
-    download: bool = False  # let torchvision download cifar10 / cifar100 / stl10 into data_dir
-    subset: int = 0  # pre-train on a fixed random subset of this many images (0 = all)
+class Config(PretrainConfig):
+    """SupCon's method and recipe; the data and run settings every script shares are in PretrainConfig."""
+    # views
     image_size: int = 32  # side of the random crops
     augment: str = "sym"  # view preset (common/augment.py): sym | sym_weak | moco_v1 | asym
     crop_min_scale: float = 0.08  # smallest area fraction of RandomResizedCrop
-    num_workers: int = 4  # data-loading processes per rank
-    views: str = "auto"  # batched (a batch at a time on the device) | workers (per image) | auto: batched unless folder
-    bad_images: str = "stop"  # an unreadable image file: stop (naming it) | skip (warn, use the next image)
     # model
     arch: str = "resnet18"  # backbone (common/backbones.py)
     cifar_stem: str = "auto"  # 3x3 stride-1 first conv, no max-pool: auto (on at <= 64 px) | true | false
@@ -103,24 +97,7 @@ class Config:
     momentum: float = 0.9  # SGD / LARS momentum
     lars_eta: float = 0.02  # LARS trust coefficient
     lars_clip: bool = True  # LARC-style clipping: the adapted lr never exceeds the scheduled lr
-    precision: str = "auto"  # auto (bf16 where native, else fp16 on GPU, fp32 on CPU) | bf16 | fp16 (GPU) | fp32
-    channels_last: bool = True  # NHWC memory format (faster convolutions with mixed precision)
-    compile: bool = False  # torch.compile the model
-    seed: int = 0  # model init, data order and augmentations
-    # run
     out_dir: str = "runs/supcon"  # run folder: config.json, metrics.jsonl, checkpoints (last.pt is the newest)
-    resume: str = "auto"  # auto: continue the run in out_dir if it holds one with these settings | true | false
-    checkpoint_every_steps: int = 0  # also checkpoint every this many steps (0 = off; always at epoch ends)
-    checkpoint_every_minutes: float = 30.0  # also checkpoint every this many minutes (0 = off)
-    keep_checkpoints: int = 2  # step_XXXXXXXX.pt files kept (older ones are deleted; epoch snapshots stay)
-    snapshot_every: int = 100  # also keep epoch_XXXX.pt every this many epochs (and at the end)
-    stop_timeout: float = 120.0  # after SIGTERM / SIGUSR1: seconds to finish the step and checkpoint, else exit
-    dist_timeout: float = 600.0  # seconds a rank waits for the others in a collective before the job stops
-    skip_nonfinite: int = 0  # steps with a non-finite loss or gradient to skip (0: stop at the first)
-    log_every: int = 10  # steps between lines of metrics.jsonl
-    knn_every: int = 0  # epochs between online kNN checks on the labelled train/val splits (0 = off)
-    knn_k: int = 200  # neighbours of the kNN monitor
-    knn_temperature: float = 0.07  # vote temperature of the kNN monitor
 
 
 # ---- model ----

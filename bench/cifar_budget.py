@@ -1,17 +1,17 @@
 """What each method learns at one small budget on real images: every method script pre-trained on the same
-10,000-image subset of the JPEG CIFAR-10 copy in ../shared/data (ResNet-18 with the ImageNet stem at 32 px,
-batch 256, precision auto: bf16 where the CPU computes it natively, else fp32; 20 epochs = 780 steps by
-default), then knn_eval.py (k 200, T 0.1, the 45k train images as the bank, the 5k val images as queries) and
-a short linear probe (linear_eval.py on cached features), beside the same evaluations of a randomly initialised
-trunk (the floor). SimCLR runs with two seeds, to show the noise.
+10,000-image subset of a JPEG copy of CIFAR-10 (--data: an ImageFolder tree with train/ and val/; ResNet-18 with
+the ImageNet stem at 32 px, batch 256, precision auto: bf16 where the CPU computes it natively, else fp32; 20
+epochs = 780 steps by default), then knn_eval.py (k 200, T 0.1, the 45k train images as the bank, the 5k val images
+as queries) and a short linear probe (linear_eval.py on cached features), beside the same evaluations of a randomly
+initialised trunk (the floor). SimCLR runs with two seeds, to show the noise.
 
-    python bench/cifar_budget.py                       # every method (hours on 2 CPU cores)
+    python bench/cifar_budget.py --data DIR            # every method (hours on 2 CPU cores)
     python bench/cifar_budget.py --methods swav dino   # some of them
     python bench/cifar_budget.py --dry-run             # the commands only
     python bench/cifar_budget.py --methods simclr --json docs/cifar_budget.json --markdown docs/benchmarks.md
 
-Each method trains with the flags below (FLAGS: its recipe, or the settings that suit this budget, said in
-README's short-budget section). Finished steps are not redone (their JSON is there), a stopped pre-training
+Each method trains with the flags below (FLAGS: its recipe, or the settings that suit this budget, said on
+its page in docs/methods/). Finished steps are not redone (their JSON is there), a stopped pre-training
 resumes. The table (top-1 / top-5 of both evaluations, seconds per epoch, the loss's first and last epoch) is
 printed, and written with the machine, the date and each run's commands to --markdown (docs/benchmarks.md) after
 every run. --json keeps each run's row in a file with the rows of earlier invocations (replacing a run's earlier
@@ -37,7 +37,7 @@ FLAGS = {  # name: (script, flags)
     "simclr": ("simclr", [*SGD, "--temperature", "0.5"]),
     "simclr_seed1": ("simclr", [*SGD, "--temperature", "0.5", "--seed", "1"]),
     "moco": ("moco", ["--proj_layers", "1", "--proj_dim", "128", "--queue_size", "4096", "--temperature", "0.1",
-                      "--base_tau", "0.99", "--final_tau", "0.99", "--lr", "0.06", "--weight_decay", "5e-4",
+                      "--base_ema", "0.99", "--final_ema", "0.99", "--lr", "0.06", "--weight_decay", "5e-4",
                       "--decay_bias_and_norm", "true", "--warmup_epochs", "0", "--shuffle_bn", "true",
                       "--bn_groups", "8"]),  # the official CIFAR-10 demo's settings
     "byol": ("byol", SGD),
@@ -49,7 +49,7 @@ FLAGS = {  # name: (script, flags)
     "swav": ("swav", [*MULTI_CROP, "--warmup_epochs", "2", "--freeze_prototypes_epochs", "1", "--sinkhorn_eps",
                       "0.02"]),
     "dino": ("dino", [*MULTI_CROP, *SGD, "--weight_decay_end", "5e-4", "--proj_layers", "2", "--proj_bn", "true",
-                      "--num_prototypes", "2048", "--base_tau", "0.99", "--teacher_temperature", "0.04",
+                      "--num_prototypes", "2048", "--base_ema", "0.99", "--teacher_temperature", "0.04",
                       "--warmup_teacher_temperature", "0.04"]),  # lightly's CIFAR-10 DINO settings
 }
 

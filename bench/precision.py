@@ -1,6 +1,6 @@
 """What each precision costs on this machine, and what `precision: auto` picks here and why: a ResNet-18 with the
-ImageNet stem, forward and backward of one batch at 32 px (the model of README's CPU checks), in fp32 and in bf16
-autocast (and fp16 on a GPU).
+ImageNet stem, forward and backward of one batch at 32 px (the model of the CPU checks in docs/methods/), in fp32
+and in bf16 autocast (and fp16 on a GPU).
 
     python bench/precision.py                                  # batch 256, best of 3 after one warm-up pass
     python bench/precision.py --markdown docs/benchmarks.md    # also a section of docs/benchmarks.md

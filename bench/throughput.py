@@ -18,7 +18,7 @@ A benchmark, not a test: nothing asserts a speed. Settings by default: ResNet-18
 32 px, batch 256, precision auto (bf16 where the CPU computes it natively, else fp32: the tables name which, and the
 CPU's capability); SwAV and DINO with their 2 global and 6
 local crops, the local ones of --local_size px (18: SwAV's CIFAR size; DINO's 16 px would give the ImageNet stem
-the 1 x 1 inputs whose bf16 gradient is wrong on a CPU, README's CPU pitfall)."""
+the 1 x 1 inputs whose bf16 gradient is wrong on a CPU: docs/troubleshooting.md, NaN or inf)."""
 import argparse
 import itertools
 import json
@@ -216,7 +216,8 @@ def main():
             f"## Throughput and memory: {args.dataset} images", "",
             f"Measured {datetime.date.today()} by `{command}`. Images/s: the median step rate after the warm-up "
             "steps, the best of the repeats; model: every step on one batch of views made before the run (the limit "
-            "of this machine for the method); batched / workers: end to end with each view path (README, Views).",
+            "of this machine for the method); batched / workers: end to end with each view path (docs/guide.md, "
+            "Views).",
             "", *lines]), part=args.dataset)
     if args.json:
         with open(args.json, "w") as f:

@@ -20,6 +20,11 @@ from common.run_folder import RUN_ONLY_KEYS, changed_settings, checkpoint_files,
 from common.stopping import EXIT_PREEMPTED, StopSignals
 
 
+# what a checkpoint of a pre-training holds (Checkpointer.save)
+TRAINING_STATE = {"method", "model", "optimizer", "scaler", "step", "epoch", "config", "schedule", "rng", "metrics",
+                  "backbone", "backbone_args"}
+
+
 class Checkpointer:
     """Checkpoints of a pre-training and its stop signals, so that a run loses at most the steps since its last
     checkpoint and a resumed run is exactly the uninterrupted one.
@@ -76,7 +81,8 @@ class Checkpointer:
         if not finite.item():
             raise SystemExit(f"error: the weights or the optimizer state are not finite after step {step}; stopped "
                              f"without writing a checkpoint, so {self.cfg.out_dir} keeps the last good state. Lower "
-                             "--lr, lengthen --warmup_epochs or try --precision fp32, and continue with --resume true.")
+                             "--lr, lengthen --warmup_epochs or try --precision fp32, and continue with --resume true "
+                             "(docs/troubleshooting.md#nan-or-inf).")
         spe = self.schedule["steps_per_epoch"]
         error = ""
         if self.is_main:
@@ -138,7 +144,7 @@ class Checkpointer:
         for candidate in checkpoint_files(cfg.out_dir):
             try:
                 ckpt = load_checkpoint(candidate)
-                if not (isinstance(ckpt, dict) and {"model", "optimizer", "step", "config"} <= ckpt.keys()):
+                if not (isinstance(ckpt, dict) and TRAINING_STATE <= ckpt.keys()):
                     raise UsageError(f"{candidate} is not a training checkpoint of these scripts")
                 path = candidate
                 break
@@ -153,18 +159,20 @@ class Checkpointer:
             print(f"warning: {'; '.join(e for _, e in unreadable)}. Resuming from {path}, the newest intact "
                   "checkpoint", file=sys.stderr, flush=True)
         method, args = type(self.model).__name__, self.model.backbone_args
-        held = ckpt.get("method", method), ckpt.get("backbone_args") or args
+        held = ckpt["method"], ckpt["backbone_args"]
         if held != (method, args):
             raise UsageError(f"{path} holds a run of {_describe(*held)}; this run is {_describe(method, args)}. "
                              "Resume it with the script and settings it was trained with (its config.json), or "
                              "choose another --out_dir")
         changed = changed_settings(ckpt["config"], cfg)
         if cfg.resume == "auto":
-            differing = changed_settings(ckpt["config"], cfg, ignore=RUN_ONLY_KEYS)
+            # batch_size is per rank: another split of the same global batch (another number of ranks) is the
+            # same run, and check_schedule refuses another global batch
+            differing = changed_settings(ckpt["config"], cfg, ignore=(*RUN_ONLY_KEYS, "batch_size"))
             if differing:
                 raise UsageError(f"{cfg.out_dir} holds a run with other settings ({'; '.join(differing)}); pass "
                                  "--resume true to continue it with these, or choose another --out_dir")
-        check_schedule(ckpt.get("schedule"), self.schedule, path, is_main)
+        check_schedule(ckpt["schedule"], self.schedule, path)
         load_state(self.model, ckpt["model"], path)
         load_state(self.optimizer, ckpt["optimizer"], path)
         if ckpt["scaler"] or not self.scaler.is_enabled():
@@ -172,7 +180,7 @@ class Checkpointer:
         elif is_main:  # precision auto: bf16 where the run started, fp16 on this GPU
             print("the checkpoint has no GradScaler state (it computed in bf16 or fp32): fp16 starts a fresh one",
                   flush=True)
-        self.metrics.load_state_dict(ckpt.get("metrics") or {})
+        self.metrics.load_state_dict(ckpt["metrics"])
         set_rng_states(ckpt["rng"], self.device)
         if is_main:
             if changed:  # e.g. a longer --epochs reshapes the schedule
@@ -185,17 +193,12 @@ class Checkpointer:
         return ckpt["step"]
 
 
-def check_schedule(saved, schedule, path, is_main=True):
+def check_schedule(saved, schedule, path):
     """A run continues exactly where its schedule does: steps per epoch, and with them total steps, the peak lr
     and every per-step schedule, are functions of the global batch and the data, not of how the batch is split
     over ranks. Another split of the same global batch is the same run; another global batch or another number
     of steps per epoch is an error. (A changed --epochs or --lr is the user's choice: it takes effect and is
     reported among the changed settings.)"""
-    if not saved:
-        if is_main:
-            print(f"warning: {path} predates the schedule check (it holds no 'schedule'); resume it with the "
-                  "global batch it was trained with", file=sys.stderr, flush=True)
-        return
     if saved["global_batch"] != schedule["global_batch"]:
         g, world = saved["global_batch"], schedule["world_size"]
         hint = f"--batch_size {g // world} on {world} ranks" if g % world == 0 else f"batch_size x ranks = {g}"
@@ -301,9 +304,7 @@ def set_rng_states(states, device):
     random.setstate(tuple(tuple(s) if isinstance(s, list) else s for s in states["python"]))
     name, keys, *rest = states["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    cuda = states.get("cuda")
-    if isinstance(cuda, (list, tuple)):  # checkpoints before this fix: one state per visible GPU, rank 0's first
-        cuda = cuda[0] if cuda else None
+    cuda = states["cuda"]
     if cuda is not None and device.type == "cuda":
         torch.cuda.set_rng_state(cuda, device)
 

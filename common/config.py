@@ -34,17 +34,56 @@ def usage_errors():
         raise SystemExit(f"error: {message}") from None
 
 
+@dataclasses.dataclass
+class PretrainConfig:
+    """The settings every pre-training script shares, declared once: where the images come from and how the run
+    is carried out (precision, run folder, checkpoints, stops, logging, the kNN monitor). A script's
+    `Config(PretrainConfig)` adds its method's and its recipe's fields and sets its out_dir; --help lists them
+    first, then these."""
+    # data
+    dataset: str = "cifar10"  # cifar10 | cifar100 | stl10 | folder | synthetic
+    data_dir: str = "data"  # dataset root (folder: an ImageFolder tree with train/ and val/)
+    download: bool = False  # let torchvision download cifar10 / cifar100 / stl10 into data_dir
+    subset: int = 0  # pre-train on a fixed random subset of this many images (0 = all)
+    num_workers: int = 4  # data-loading processes per rank
+    views: str = "auto"  # batched (a batch at a time on the device) | workers (per image) | auto: batched unless folder
+    bad_images: str = "stop"  # an unreadable image file: stop (naming it) | skip (warn, use the next image)
+    # computation
+    precision: str = "auto"  # auto (bf16 where native, else fp16 on GPU, fp32 on CPU) | bf16 | fp16 (GPU) | fp32
+    channels_last: bool = True  # NHWC memory format (faster convolutions with mixed precision)
+    compile: bool = False  # torch.compile the model
+    seed: int = 0  # model init, data order and augmentations
+    # run folder, checkpoints, stops
+    out_dir: str = "runs/run"  # run folder: config.json, metrics.jsonl, checkpoints (last.pt is the newest)
+    resume: str = "auto"  # auto: continue the run in out_dir if it holds one with these settings | true | false
+    checkpoint_every_steps: int = 0  # also checkpoint every this many steps (0 = off; always at epoch ends)
+    checkpoint_every_minutes: float = 30.0  # also checkpoint every this many minutes (0 = off)
+    keep_checkpoints: int = 2  # step_XXXXXXXX.pt files kept (older ones are deleted; epoch snapshots stay)
+    snapshot_every: int = 100  # also keep epoch_XXXX.pt every this many epochs (and at the end)
+    stop_timeout: float = 120.0  # after SIGTERM / SIGUSR1: seconds to finish the step and checkpoint, else exit
+    dist_timeout: float = 600.0  # seconds a rank waits for the others in a collective before the job stops
+    skip_nonfinite: int = 0  # steps with a non-finite loss or gradient to skip (0: stop at the first)
+    # logging and the kNN monitor
+    log_every: int = 10  # steps between lines of metrics.jsonl
+    knn_every: int = 0  # epochs between online kNN checks on the labelled train/val splits (0 = off)
+    knn_k: int = 200  # neighbours of the kNN monitor
+    knn_temperature: float = 0.07  # vote temperature of the kNN monitor
+
+
 # string options that also take a bare --flag, meaning "true" (--resume: auto | true | false)
 FLAG_OPTIONS = ("resume",)
 
 
 def _field_comments(cls):
-    """The trailing `# comment` of each field in the dataclass source, for --help."""
-    try:
-        source = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return {}
-    return dict(re.findall(r"^\s+(\w+)\s*:[^#\n]*#\s*(.*)$", source, flags=re.M))
+    """The trailing `# comment` of each field in the dataclass sources (a subclass's over its base's), for --help."""
+    comments = {}
+    for klass in reversed(cls.__mro__):
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        comments.update(re.findall(r"^    (\w+)\s*:[^#\n]*#\s*(.*)$", source, flags=re.M))
+    return comments
 
 
 def _coerce(name, value, typ):
@@ -148,7 +187,8 @@ def load_config(cls, argv):
 def usage(cls, prog):
     comments = _field_comments(cls)
     lines = [f"usage: {prog} [--config file.yaml] [--key value | key=value ...]", "", "keys (default, meaning):"]
-    for f in dataclasses.fields(cls):
+    own = list(vars(cls).get("__annotations__", {}))  # the script's own fields first, then those it shares
+    for f in sorted(dataclasses.fields(cls), key=lambda f: own.index(f.name) if f.name in own else len(own)):
         lines.append(f"  --{f.name:<18} {f.default!r:<14} {comments.get(f.name, '')}")
     return "\n".join(lines)
 

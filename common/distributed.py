@@ -57,5 +57,5 @@ def lost_rank_errors():
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"error: rank {dist.get_rank()} lost contact with the other processes of this job: one stopped (see its "
               f"error above) or did not answer within dist_timeout ({first}). Run again to resume from the last "
-              "checkpoint", file=sys.stderr, flush=True)
+              "checkpoint (docs/troubleshooting.md#a-lost-rank)", file=sys.stderr, flush=True)
         os._exit(EXIT_LOST_RANK)  # not SystemExit: tearing down a broken process group can hang

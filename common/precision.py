@@ -53,7 +53,8 @@ def resolve_precision(precision, device, is_main=True):
         print(f"precision: {chosen} ({reason})", flush=True)
         if chosen == "bf16" and not native:
             print(f"warning: precision bf16 on a device without native bf16 ({hardware}): it is emulated, many "
-                  "times slower than fp32; use --precision auto", file=sys.stderr, flush=True)
+                  "times slower than fp32; use --precision auto (docs/troubleshooting.md#a-slow-cpu-run)",
+                  file=sys.stderr, flush=True)
     return chosen, reason
 
 

@@ -69,8 +69,8 @@ def _check_writable(folder):
 
 def checkpoint_files(folder):
     """The checkpoints in a run folder, the one to resume from first: step_XXXXXXXX.pt newest first (the newest
-    is last.pt's file, or newer if a kill came between writing it and linking last.pt), last.pt (a run of an
-    earlier version has no step files), then the epoch_XXXX.pt snapshots, newest first."""
+    is last.pt's file, or newer if a kill came between writing it and linking last.pt), last.pt (alone in a
+    folder it was copied into), then the epoch_XXXX.pt snapshots, newest first."""
     if not os.path.isdir(folder):
         return []
     names = os.listdir(folder)
@@ -93,10 +93,17 @@ def write_run_config(cfg, is_main, **derived):
 
 
 def changed_settings(saved, cfg, ignore=("resume",)):
-    """'key: old -> new' for each config value that differs from the checkpoint's (keys in `ignore` aside; a key
-    the checkpoint predates, such as a newly added option, is not a change)."""
-    return [f"{k}: {saved[k]!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
-            if k not in ignore and k in saved and saved[k] != v]
+    """'key: old -> new' for each config value that differs from the checkpoint's (keys in `ignore` aside), a key
+    only one of them has included: a setting renamed or added since the checkpoint was written is a change to
+    confirm (--resume true), never a default silently taking the place of the run's value."""
+    now, changed = dataclasses.asdict(cfg), []
+    for k, v in now.items():
+        if k not in ignore and k not in saved:
+            changed.append(f"{k}: (not in the checkpoint) -> {v!r}")
+        elif k not in ignore and saved[k] != v:
+            changed.append(f"{k}: {saved[k]!r} -> {v!r}")
+    return changed + [f"{k}: {v!r} -> (not a setting of this script)" for k, v in saved.items()
+                      if k not in ignore and k not in now]
 
 
 def git_commit():

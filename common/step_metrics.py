@@ -72,7 +72,8 @@ class StepMetrics:
             raise SystemExit(f"error: step {int(steps[bad])} was not finite ({what}; last finite "
                              f"loss {_number(last)}); stopped without writing a checkpoint, so {self.out_dir} keeps "
                              "the last good state. Lower --lr, lengthen --warmup_epochs or try --precision fp32 and "
-                             "continue with --resume true, or run again with --skip_nonfinite N to skip such steps.")
+                             "continue with --resume true, or run again with --skip_nonfinite N to skip such steps "
+                             "(docs/troubleshooting.md#nan-or-inf).")
         if "loss" in names and table.shape[1]:
             self.last_loss = float(table[names.index("loss")][-1])
         means = {}

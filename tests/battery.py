@@ -42,8 +42,8 @@ def run_ranks(fn, world_size, *args):
 
 @dataclass
 class MethodCase:
-    """A method's entry in the battery (tests/test_battery.py). Each method has a tests/case_<method>.py
-    defining CASE = MethodCase(...); test_battery.METHODS finds it."""
+    """A method's entry in the battery (tests/test_battery.py). Each method's tests/test_<method>.py defines
+    CASE = MethodCase(...); test_battery.METHODS finds it."""
     model: str  # the name of the script's model class (an nn.Module with .backbone and .backbone_args)
     inputs: Callable  # () -> dict of whole-batch tensors (batch first): the loss's inputs
     call: Callable  # (module, inputs) -> (loss, buffers dict); runs on a rank's share under torch.distributed
@@ -52,7 +52,7 @@ class MethodCase:
 
 
 def case_of(method):
-    return importlib.import_module(f"case_{method}").CASE
+    return importlib.import_module(f"test_{method}").CASE
 
 
 # the `trained` runs (conftest.py): a snapshot every epoch, the kNN monitor at epoch 2, a checkpoint every 3 steps

@@ -7,6 +7,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+# the method scripts, SimCLR first (the reference of the parts every script shares)
+METHODS = ["simclr", "byol", "simsiam", "barlow", "moco", "swav", "dino", "nnclr", "relic", "supcon"]
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -1,4 +1,4 @@
-"""The battery every method script passes. To add a method: write tests/case_<method>.py (METHODS finds it).
+"""The battery every method script passes. To add a method: give tests/test_<method>.py its CASE (METHODS finds it).
 
 (1) its loss equals a direct per-sample implementation of the paper's formula;
 (2) two gloo processes, each holding half of a batch, give the same loss, gradients and buffers as one
@@ -18,6 +18,7 @@ import importlib
 import inspect
 import json
 import math
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -34,9 +35,10 @@ from common.precision import resolve_precision
 from common.step_metrics import StepMetrics
 from helpers import REPO, assert_clean_error, assert_one_line_error, fake_cpu, read_jsonl, run_script
 
-# every tests/case_<method>.py is a method of the battery; SimCLR first, the reference of the shared parts
-METHODS = sorted((p.stem[len("case_"):] for p in Path(__file__).parent.glob("case_*.py")),
-                 key=lambda m: (m != "simclr", m))
+# every tests/test_<method>.py that defines a CASE is a method of the battery; SimCLR first, the reference of the
+# shared parts
+METHODS = sorted((p.stem[len("test_"):] for p in Path(__file__).parent.glob("test_*.py")
+                  if re.search(r"^CASE = MethodCase\(", p.read_text(), flags=re.M)), key=lambda m: (m != "simclr", m))
 
 
 def metrics_of(run):
@@ -189,15 +191,15 @@ SCHEDULED = [m for m in METHODS if m == "simclr" or '"schedule/' in inspect.gets
 
 @pytest.mark.parametrize("method", SCHEDULED)
 def test_resume_on_another_world_size_continues_the_schedule(method, trained_torchrun, tmp_path):
-    """A run of 2 ranks x 16, stopped after epoch 1, resumed in 1 process x 32: the same global batch, so the
-    same run, which the resume accepts. Every step of epoch 2 has the lr (and EMA rate) of the uninterrupted run.
-    The images of each global batch are the same too: pretrain_loader's sharding, tested in test_common
-    (test_pretrain_loader_global_batches_do_not_depend_on_ranks). What a resume must refuse, another global
-    batch, is a bad-input scenario below."""
+    """A run of 2 ranks x 16, stopped after epoch 1, resumed in 1 process x 32 by the same command with --batch_size
+    32 (resume: auto): the same global batch, so the same run, which the resume accepts. Every step of epoch 2 has
+    the lr (and EMA rate) of the uninterrupted run. The images of each global batch are the same too:
+    pretrain_loader's sharding, tested in test_common (test_pretrain_loader_global_batches_do_not_depend_on_ranks).
+    What a resume must refuse, another global batch, is a bad-input scenario below."""
     run = tmp_path / "run"
     run.mkdir()
     shutil.copy(trained_torchrun[method] / "epoch_0001.pt", run / "last.pt")
-    args = quick_args(method, run, "--resume", "--log_every", "1")
+    args = quick_args(method, run, "--log_every", "1")
     args[args.index("--batch_size") + 1] = "32"
     result = run_script(args)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -453,7 +455,7 @@ def test_lr_schedule_endpoints(method):
 SHARED = ["LARS", "build_optimizer", "set_lr", "lr_at"]
 SHARED_IF_USED = {"GatherWithGrad": "simclr", "gather_with_grad": "simclr", "gather_no_grad": "moco", "enqueue": "moco",
                   "multi_crop_forward": "swav", "all_reduce_no_grad": "swav", "mlp": "simclr",  # DINO's head: GELU
-                  "ema_update": "byol", "tau_at": "byol"}
+                  "ema_update": "byol", "ema_at": "byol"}
 
 
 @pytest.mark.parametrize("method", METHODS[1:])

@@ -1,5 +1,11 @@
-"""BYOL-specific checks: the EMA target update and its tau schedule, the stop-gradient on the target network,
-and the loss at its endpoints (what the battery's formula and resume tests do not pin down)."""
+"""BYOL-specific checks: the EMA target update and its rate schedule, the stop-gradient on the target network,
+and the loss at its endpoints (what the battery's formula and resume tests do not pin down).
+
+Its case in the battery (CASE, which tests/test_battery.py runs): the symmetric regression loss against its
+per-sample formula.
+
+The target projections are plain inputs here: the stop-gradient is where the paper puts it, on the target
+network (BYOL.forward runs it under torch.no_grad(); a test below checks that), not in the loss."""
 import math
 
 import pytest
@@ -7,17 +13,45 @@ import torch
 import torch.nn as nn
 
 import byol
+from battery import MethodCase
 
 
+# ---- the battery's case ----
+def byol_inputs():
+    g = torch.Generator().manual_seed(0)
+    return {name: torch.randn(8, 16, generator=g) for name in ("p1", "p2", "target_z1", "target_z2")}
+
+
+def byol_call(module, x):
+    return module.byol_loss(x["p1"], x["p2"], x["target_z1"], x["target_z2"]), {}
+
+
+def byol_reference(x):
+    """Eq. 2 of the paper, literally, for each image i: the online prediction of one view against the target
+    projection of the other, 2 - 2 <p, z> / (||p|| ||z||), both directions, averaged over the images."""
+    def regression(p, z):
+        dot = sum(p[k] * z[k] for k in range(len(p)))
+        return 2 - 2 * dot / (sum(v * v for v in p) ** 0.5 * sum(v * v for v in z) ** 0.5)
+
+    rows = zip(*(x[name].double().tolist() for name in ("p1", "p2", "target_z1", "target_z2")))
+    n = len(x["p1"])
+    return sum(regression(p1, target_z2) + regression(p2, target_z1) for p1, p2, target_z1, target_z2 in rows) / n
+
+
+CASE = MethodCase(model="BYOL", inputs=byol_inputs, call=byol_call, reference=byol_reference,
+                  small=["--proj_hidden_dim", "64", "--proj_dim", "32", "--pred_hidden_dim", "64"])
+
+
+# ---- byol's own tests ----
 def small_model():
     cfg = byol.Config(proj_hidden_dim=32, proj_dim=16, pred_hidden_dim=32)
     torch.manual_seed(0)
     return byol.BYOL(cfg)
 
 
-# ---- the EMA update: xi <- tau * xi + (1 - tau) * theta, parameters only ----
+# ---- the EMA update: xi <- m * xi + (1 - m) * theta, parameters only ----
 def dyadic_net(seed):
-    """Linear-BN whose parameters and buffers are small multiples of 1/8, so that tau = 0.75 gives an
+    """Linear-BN whose parameters and buffers are small multiples of 1/8, so that m = 0.75 gives an
     exactly representable convex combination (no rounding to blur an off-by-one-term update)."""
     g = torch.Generator().manual_seed(seed)
     net = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4))
@@ -27,17 +61,17 @@ def dyadic_net(seed):
     return net
 
 
-@pytest.mark.parametrize("tau", [1.0, 0.0, 0.75])
-def test_ema_update_is_the_convex_combination(tau):
+@pytest.mark.parametrize("m", [1.0, 0.0, 0.75])
+def test_ema_update_is_the_convex_combination(m):
     online, target = dyadic_net(0), dyadic_net(1).requires_grad_(False)
     before = {k: v.clone() for k, v in target.state_dict().items()}
-    byol.ema_update(target, online, tau)
+    byol.ema_update(target, online, m)
     for name, theta in online.named_parameters():
-        expected = tau * before[name] + (1 - tau) * theta.detach()
+        expected = m * before[name] + (1 - m) * theta.detach()
         assert torch.equal(target.get_parameter(name), expected), name
-    if tau == 1.0:
+    if m == 1.0:
         assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
-    if tau == 0.0:
+    if m == 0.0:
         assert all(torch.equal(p, q) for p, q in zip(target.parameters(), online.parameters()))
     # buffers are the target's own: the EMA never touches them
     for name in ("1.running_mean", "1.running_var", "1.num_batches_tracked"):
@@ -55,14 +89,14 @@ def test_update_target_covers_the_whole_target_network():
             assert name == name_t and torch.equal(theta, xi), name
 
 
-def test_tau_schedule():
+def test_ema_rate_schedule():
     total, base = 1000, 0.99
-    assert byol.tau_at(0, total, base) == pytest.approx(base, abs=1e-15)
-    assert byol.tau_at(total, total, base) == 1.0
-    assert byol.tau_at(total // 2, total, base) == pytest.approx((1 + base) / 2)
-    values = [byol.tau_at(s, total, base) for s in range(total + 1)]
+    assert byol.ema_at(0, total, base) == pytest.approx(base, abs=1e-15)
+    assert byol.ema_at(total, total, base) == 1.0
+    assert byol.ema_at(total // 2, total, base) == pytest.approx((1 + base) / 2)
+    values = [byol.ema_at(s, total, base) for s in range(total + 1)]
     assert all(a < b for a, b in zip(values, values[1:]))
-    assert byol.tau_at(1, total, base) == pytest.approx(1 - (1 - base) * (math.cos(math.pi / total) + 1) / 2)
+    assert byol.ema_at(1, total, base) == pytest.approx(1 - (1 - base) * (math.cos(math.pi / total) + 1) / 2)
 
 
 # ---- the stop-gradient, where the paper puts it: the target network ----

@@ -2,7 +2,11 @@
 the support set advances by the global batch and wraps (with the classes beside it), it is part of the model's
 state, a support set that does not fit the global batch is a clear error before anything is written, a support set
 holding the batch's own projections gives the plain cross-view InfoNCE, the nn_acc monitor, and the heads of both
-configs. The battery (tests/case_nnclr.py) checks the loss and the support set across ranks."""
+configs. The battery (its case, below) checks the loss and the support set across ranks.
+
+Its case in the battery (CASE, which tests/test_battery.py runs): the nearest neighbours looked up in a support
+set, the symmetric loss against its per-sample formula, and the support set (projections and their classes) after
+the enqueue: 2 ranks with half the batch each = 1 process with the whole batch."""
 import math
 
 import pytest
@@ -10,10 +14,62 @@ import torch
 import torch.nn.functional as F
 
 import nnclr
+from battery import MethodCase
 from common.config import UsageError, load_config
 from helpers import REPO
 
 
+# ---- the battery's case ----
+TEMPERATURE = 0.3
+
+
+def nnclr_inputs():
+    g = torch.Generator().manual_seed(0)
+    inputs = {name: torch.randn(8, 16, generator=g) for name in ("z1", "z2", "p1", "p2")}
+    return {**inputs, "labels": torch.randint(0, 3, (8,), generator=g)}
+
+
+def start_queue():
+    """A support set of 16 unit vectors, two global batches of 8, and their classes (built the same in every
+    call, as NNCLR.__init__ draws it from the seed)."""
+    g = torch.Generator().manual_seed(1)
+    return F.normalize(torch.randn(16, 16, generator=g), dim=1), torch.randint(0, 3, (16,), generator=g)
+
+
+def nnclr_call(module, x):
+    queue, queue_labels = start_queue()
+    (nn1, _), (nn2, _) = module.nearest_neighbour(x["z1"], queue), module.nearest_neighbour(x["z2"], queue)
+    loss = module.nnclr_loss(x["p1"], x["p2"], nn1, nn2, TEMPERATURE)
+    module.enqueue(queue, x["z1"], step=1)  # after the loss, as in train(): the z1 of all ranks fill rows 8..15
+    module.enqueue_labels(queue_labels, x["labels"], step=1)
+    return loss, {"queue": queue, "queue_labels": queue_labels}
+
+
+def nnclr_reference(x):
+    """For each image i: NN(z_i) = the support-set entry of highest cosine with z_i; then
+    L_i = -log exp(cos(NN(z1_i), p2_i) / tau) / sum_k exp(cos(NN(z1_i), p2_k) / tau), the same with the views
+    swapped, and the mean over images of the two halves."""
+    queue = start_queue()[0].double()
+    rows = {name: x[name].double() for name in ("z1", "z2", "p1", "p2")}
+
+    def nearest(z):
+        return max(queue, key=lambda q: F.cosine_similarity(z, q, dim=0).item())
+
+    def term(nn, p, i):
+        sims = [math.exp(F.cosine_similarity(nn, p[k], dim=0).item() / TEMPERATURE) for k in range(len(p))]
+        return -math.log(sims[i] / sum(sims))
+
+    n = len(x["z1"])
+    return sum(term(nearest(rows["z1"][i]), rows["p2"], i) + term(nearest(rows["z2"][i]), rows["p1"], i)
+               for i in range(n)) / n / 2
+
+
+CASE = MethodCase(model="NNCLR", inputs=nnclr_inputs, call=nnclr_call, reference=nnclr_reference,
+                  small=["--proj_hidden_dim", "64", "--proj_dim", "32", "--pred_hidden_dim", "64",
+                         "--queue_size", "64"])
+
+
+# ---- nnclr's own tests ----
 def tiny(**overrides):
     return nnclr.Config(**{**dict(proj_hidden_dim=16, proj_dim=8, pred_hidden_dim=16, queue_size=64), **overrides})
 
@@ -68,8 +124,8 @@ def test_support_set_is_model_state_drawn_from_the_seed():
 def test_support_set_must_fit_the_global_batch(tmp_path):
     with pytest.raises(UsageError, match="queue_size 1000 must be a positive multiple of the global batch 64 "
                                          r"\(32 x 2 ranks\).*--queue_size 960"):
-        nnclr.check_support_set(tiny(batch_size=32, queue_size=1000), world_size=2)
-    nnclr.check_support_set(tiny(batch_size=32, queue_size=1024), world_size=2)
+        nnclr.check_nnclr(tiny(batch_size=32, queue_size=1000), world_size=2)
+    nnclr.check_nnclr(tiny(batch_size=32, queue_size=1024), world_size=2)
     cfg = tiny(dataset="synthetic", batch_size=16, queue_size=40, num_workers=0, out_dir=str(tmp_path / "run"))
     with pytest.raises(UsageError, match="queue_size 40 must be a positive multiple of the global batch 16") as e:
         nnclr.train(cfg)  # before the data are loaded and before the run folder is made

@@ -16,7 +16,7 @@ def test_a_real_runs_curves_make_one_png(trained, tmp_path):
     run = trained["dino"]
     keys = panel_order(read_metrics(run))
     assert keys[:2] == ["train/loss", "train/lr"] and keys[-1] == "eval/knn_top1"
-    assert {"schedule/tau", "schedule/teacher_temperature", "train/teacher_entropy", "train/kl"} <= set(keys)
+    assert {"schedule/ema", "schedule/teacher_temperature", "train/teacher_entropy", "train/kl"} <= set(keys)
     result = run_script(["tools/plot_metrics.py", run, "--out", tmp_path / "dino.png"])
     assert_ok(result)
     data = (tmp_path / "dino.png").read_bytes()

@@ -3,7 +3,7 @@
     python tools/plot_metrics.py RUN_DIR [RUN_DIR ...] [--out PNG]
 
 One panel per curve, each run in its own colour: the loss, the learning rate, the schedules the method has
-(`schedule/*`: the EMA rate tau, the teacher temperature, the weight decay), its collapse signals and other
+(`schedule/*`: the EMA rate m, the teacher temperature, the weight decay), its collapse signals and other
 per-step monitors (every other `train/*` scalar: code entropy and prototypes used, teacher entropy and KL, z std,
 nearest-neighbour accuracy, the gradient norm), the images per second of each epoch, and the online kNN accuracy
 (`eval/knn_top1`, from --knn_every). A resumed run's log repeats the steps after its last checkpoint: the later

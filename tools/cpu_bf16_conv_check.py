@@ -1,6 +1,7 @@
-"""Checks the CPU bf16 pitfall that README.md describes: the bf16 weight gradient of a 3x3 stride-2 convolution (a
-ResNet's layer4 entry) against the fp32 one, for inputs of 1, 2 and 4 pixels a side. Run: python
-scripts/cpu_bf16_conv_check.py. torch 2.14.1 on CPU prints an infinite (or huge) error at 1 pixel, ~0.003 at 2 and 4."""
+"""Checks the CPU bf16 pitfall of docs/troubleshooting.md (NaN or inf): the bf16 weight gradient of a 3x3
+stride-2 convolution (a ResNet's layer4 entry) against the fp32 one, for inputs of 1, 2 and 4 pixels a side.
+Run: python tools/cpu_bf16_conv_check.py. torch 2.14.1 on CPU prints an infinite (or huge) error at 1 pixel,
+~0.003 at 2 and 4."""
 import torch
 
 torch.manual_seed(0)
