@@ -1,6 +1,22 @@
-"""Thin shared plumbing: datasets, augmentations, backbones, config parsing, run folder, kNN.
+"""Thin shared plumbing that knows no method: losses, gathers, EMA, queues, schedules and the training loop live in
+the method scripts.
 
-Nothing here knows about a method: losses, gathers, EMA, queues and schedules live in the method scripts.
+    config.py        parsing (defaults < --config file.yaml < --key value) and PretrainConfig, the data and run
+                     settings every pre-training script shares
+    data.py          data sets, samplers, subsets, unreadable images
+    augment.py       the views of each recipe, per image (torchvision transforms)
+    batched.py       the same views a batch at a time on the device, and JPEG folders decoded a batch at a time
+    loaders.py       pretrain_loader: the pre-training loader for either view path
+    backbones.py     ResNets, ViTs and any torchvision classifier as a trunk; the CIFAR stem
+    knn.py           the weighted kNN classifier and the online kNN monitor
+    distributed.py   torchrun set-up (NCCL / gloo, a collective timeout) and lost ranks
+    precision.py     the precision a run computes in, autocast, non-blocking copies
+    run_folder.py    the run folder's checks, config.json and metrics.jsonl
+    checkpoints.py   checkpoints that survive kills, exact resume, loading a trunk for evaluation
+    stopping.py      stop signals and the exit statuses of a run stopped early
+    step_metrics.py  per-step scalars kept on the device, read every log_every steps
+
+
 Importing it checks the torch and torchvision floor (requirements.txt): below it a script stops with one line.
 """
 import re
