@@ -92,15 +92,18 @@ class LARS(torch.optim.Optimizer):
     """LARS (You et al., 2017, arXiv:1708.03888) as used by SimCLR, BYOL and Barlow Twins.
 
     For each weight matrix: d = grad + weight_decay * w, trust ratio q = eta * ||w|| / ||d||, then SGD with
-    momentum on q * d. Parameters with ndim == 1 (biases, BN and LayerNorm weights) get neither weight decay
-    nor adaptation: plain SGD with momentum. With clip=True the adapted step is capped at the scheduled lr
-    (q <- min(q / lr, 1)), as in apex's LARC "clip" mode and solo-learn. Differences from the others:
-    SimCLR-TF's LARS selects the excluded variables by name, uses eta 0.001 without clipping and keeps the lr
-    inside its momentum buffer; apex LARC computes the trust ratio as eta * ||w|| / (||g|| + wd * ||w||)
-    rather than from ||g + wd * w||."""
+    momentum on q * d. Parameters with ndim == 1 (biases, BN and LayerNorm weights) get neither weight decay nor
+    adaptation, plain SGD with momentum (exclude_bias_and_norm, the default: SimCLR, BYOL, Barlow Twins, solo-
+    learn); exclude_bias_and_norm=False decays and adapts them like the weights, as apex's LARC in the official
+    SwAV code (with their group's weight_decay, which build_optimizer sets). With clip=True the adapted step is
+    capped at the scheduled lr (q <- min(q / lr, 1)), as in apex's LARC "clip" mode and solo-learn. Differences
+    from the others: SimCLR-TF's LARS selects the excluded variables by name, uses eta 0.001 without clipping and
+    keeps the lr inside its momentum buffer; apex LARC computes the trust ratio as eta * ||w|| / (||g|| + wd *
+    ||w||) rather than from ||g + wd * w||."""
 
-    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.02, clip=True):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, clip=clip))
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.02, clip=True, exclude_bias_and_norm=True):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, clip=clip,
+                                      exclude_bias_and_norm=exclude_bias_and_norm))
 
     @torch.no_grad()
     def step(self):
@@ -109,7 +112,7 @@ class LARS(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 d = p.grad
-                if p.ndim > 1:
+                if p.ndim > 1 or not group["exclude_bias_and_norm"]:
                     d = d.add(p, alpha=group["weight_decay"])
                     w_norm, d_norm = p.norm(), d.norm()
                     q = torch.where((w_norm > 0) & (d_norm > 0), group["eta"] * w_norm / d_norm, 1.0)

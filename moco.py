@@ -110,7 +110,7 @@ class Config(PretrainConfig):
     warmup_epochs: float = 10.0  # linear warm-up from 0 to the peak lr
     bias_lr_ratio: float = 1.0  # lr of biases and norm parameters = this x the scheduled lr
     weight_decay: float = 1e-4  # on weights; biases and norm parameters: see decay_bias_and_norm
-    decay_bias_and_norm: bool = False  # SGD / AdamW: weight decay on biases and norm parameters too
+    decay_bias_and_norm: bool = False  # weight decay on biases and norm parameters too (LARS: also adapted, as LARC)
     momentum: float = 0.9  # SGD / LARS momentum
     lars_eta: float = 0.02  # LARS trust coefficient
     lars_clip: bool = True  # LARC-style clipping: the adapted lr never exceeds the scheduled lr
@@ -243,27 +243,42 @@ def gather_no_grad(x):
 
 
 def info_nce(q, k, temperature, queue=None):
-    """-log softmax of each query's positive key, averaged over this rank's n queries. q, k: n x d (any scale);
-    queue: K x d unit vectors, the negatives (v1 / v2); without it (v3), the keys of the whole global batch."""
+    """-log softmax of each query's positive key, averaged over this rank's n queries, and the instance
+    discrimination's accuracy (instance_accuracy). q, k: n x d (any scale); queue: K x d unit vectors, the
+    negatives (v1 / v2); without it (v3), the keys of the whole global batch."""
     q, k = F.normalize(q.float(), dim=1), F.normalize(k.float(), dim=1)  # the loss in fp32
     if queue is not None:  # the positive first, then the queue: label 0
         logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.T], dim=1) / temperature  # n x (1 + K)
-        return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    logits = q @ gather_no_grad(k).T / temperature  # n x N: every key of the global batch
-    return F.cross_entropy(logits, torch.arange(len(q), device=q.device) + len(q) * rank)
+        labels = torch.zeros(len(q), dtype=torch.long, device=q.device)
+    else:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        logits = q @ gather_no_grad(k).T / temperature  # n x N: every key of the global batch
+        labels = torch.arange(len(q), device=q.device) + len(q) * rank
+    return F.cross_entropy(logits, labels), instance_accuracy(logits, labels)
+
+
+@torch.no_grad()
+def instance_accuracy(logits, labels):
+    """The share (%) of queries whose positive key scores highest (top-1) and is among the five highest (top-5), as
+    the official code logs them: a tensor of 2 on the device, read with the loss. Near 100 % from the first epochs
+    means the positive is found by a shortcut, such as BatchNorm statistics shared within the batch."""
+    hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
+    return torch.stack([hits[:, 0].float().mean(), hits.any(1).float().mean()]) * 100
 
 
 def moco_loss(q1, q2, k1, k2, temperature, queue=None):
-    """MoCo's loss for one step. q1, q2: n x d queries of views 1 and 2 (q2 None for v1 / v2 without symmetric);
-    k1, k2: n x d keys; queue: views x K x d (v1 / v2) or None (v3).
+    """MoCo's loss for one step, and the instance discrimination's top-1 / top-5 (%, averaged over the directions).
+    q1, q2: n x d queries of views 1 and 2 (q2 None for v1 / v2 without symmetric); k1, k2: n x d keys; queue:
+    views x K x d (v1 / v2) or None (v3).
     v1 / v2: L(q1, k2, queue[0]), or with both views the mean of L(q1, k2, queue[0]) and L(q2, k1, queue[1]).
     v3: 2 tau (L(q1, k2) + L(q2, k1)), the official code's scale, against the keys of the global batch."""
     if queue is None:
-        return 2 * temperature * (info_nce(q1, k2, temperature) + info_nce(q2, k1, temperature))
+        (l12, a12), (l21, a21) = info_nce(q1, k2, temperature), info_nce(q2, k1, temperature)
+        return 2 * temperature * (l12 + l21), (a12 + a21) / 2
     if q2 is None:
         return info_nce(q1, k2, temperature, queue[0])
-    return (info_nce(q1, k2, temperature, queue[0]) + info_nce(q2, k1, temperature, queue[1])) / 2
+    (l12, a12), (l21, a21) = info_nce(q1, k2, temperature, queue[0]), info_nce(q2, k1, temperature, queue[1])
+    return (l12 + l21) / 2, (a12 + a21) / 2
 
 
 @torch.no_grad()
@@ -281,15 +296,18 @@ class LARS(torch.optim.Optimizer):
     """LARS (You et al., 2017, arXiv:1708.03888) as used by SimCLR, BYOL and Barlow Twins.
 
     For each weight matrix: d = grad + weight_decay * w, trust ratio q = eta * ||w|| / ||d||, then SGD with
-    momentum on q * d. Parameters with ndim == 1 (biases, BN and LayerNorm weights) get neither weight decay
-    nor adaptation: plain SGD with momentum. With clip=True the adapted step is capped at the scheduled lr
-    (q <- min(q / lr, 1)), as in apex's LARC "clip" mode and solo-learn. Differences from the others:
-    SimCLR-TF's LARS selects the excluded variables by name, uses eta 0.001 without clipping and keeps the lr
-    inside its momentum buffer; apex LARC computes the trust ratio as eta * ||w|| / (||g|| + wd * ||w||)
-    rather than from ||g + wd * w||."""
+    momentum on q * d. Parameters with ndim == 1 (biases, BN and LayerNorm weights) get neither weight decay nor
+    adaptation, plain SGD with momentum (exclude_bias_and_norm, the default: SimCLR, BYOL, Barlow Twins, solo-
+    learn); exclude_bias_and_norm=False decays and adapts them like the weights, as apex's LARC in the official
+    SwAV code (with their group's weight_decay, which build_optimizer sets). With clip=True the adapted step is
+    capped at the scheduled lr (q <- min(q / lr, 1)), as in apex's LARC "clip" mode and solo-learn. Differences
+    from the others: SimCLR-TF's LARS selects the excluded variables by name, uses eta 0.001 without clipping and
+    keeps the lr inside its momentum buffer; apex LARC computes the trust ratio as eta * ||w|| / (||g|| + wd *
+    ||w||) rather than from ||g + wd * w||."""
 
-    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.02, clip=True):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, clip=clip))
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.02, clip=True, exclude_bias_and_norm=True):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, clip=clip,
+                                      exclude_bias_and_norm=exclude_bias_and_norm))
 
     @torch.no_grad()
     def step(self):
@@ -298,7 +316,7 @@ class LARS(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 d = p.grad
-                if p.ndim > 1:
+                if p.ndim > 1 or not group["exclude_bias_and_norm"]:
                     d = d.add(p, alpha=group["weight_decay"])
                     w_norm, d_norm = p.norm(), d.norm()
                     q = torch.where((w_norm > 0) & (d_norm > 0), group["eta"] * w_norm / d_norm, 1.0)
@@ -316,11 +334,9 @@ class LARS(torch.optim.Optimizer):
 def build_optimizer(cfg, model, fixed_lr=()):
     """LARS, SGD or AdamW over the trained parameters (requires_grad), in the groups that set_lr schedules: weights
     (ndim > 1), and biases + norm parameters (ndim == 1) at lr x bias_lr_ratio, without weight decay unless
-    decay_bias_and_norm (SGD, AdamW; LARS never decays or adapts them). Parameters in `fixed_lr` keep the peak lr."""
+    decay_bias_and_norm (LARS then also adapts them, as apex's LARC). Parameters in `fixed_lr` keep the peak lr."""
     if cfg.optimizer not in ("lars", "sgd", "adamw"):
         raise UsageError(f"optimizer must be lars, sgd or adamw, got {cfg.optimizer!r}")
-    if cfg.decay_bias_and_norm and cfg.optimizer == "lars":
-        raise UsageError("decay_bias_and_norm needs --optimizer sgd or adamw: LARS never decays biases and norms")
     fixed = {id(p) for p in fixed_lr}
     groups = []
     for is_fixed in (False, True):
@@ -330,8 +346,8 @@ def build_optimizer(cfg, model, fixed_lr=()):
                     "weight_decay": cfg.weight_decay if cfg.decay_bias_and_norm else 0.0}]
     groups = [group for group in groups if group["params"]]
     if cfg.optimizer == "lars":
-        return LARS(groups, lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                    eta=cfg.lars_eta, clip=cfg.lars_clip)
+        return LARS(groups, lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay, eta=cfg.lars_eta,
+                    clip=cfg.lars_clip, exclude_bias_and_norm=not cfg.decay_bias_and_norm)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=0.0, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -359,6 +375,17 @@ def ema_at(step, total_steps, base_ema, final_ema=1.0):
 def step_lr_at(step, steps_per_epoch, peak_lr, lr_drops):
     """MoCo v1's schedule: peak_lr, divided by 10 at the start of each epoch in lr_drops (120 and 160 of 200)."""
     return peak_lr * 0.1 ** sum(step >= epoch * steps_per_epoch for epoch in lr_drops)
+
+
+def ddp_without_queue(model, world_size):
+    """The model under DDP (itself in one process). DDP broadcasts rank 0's buffers at each forward: the BN running
+    statistics, so that every rank evaluates (kNN monitor, checkpoint) with the same ones, as the official code's
+    DDP does; but not the queue (and its labels), the same on every rank already (enqueue) and tens of MB."""
+    if world_size == 1:
+        return model
+    queues = [name for name, _ in model.named_buffers() if name.startswith("queue")]
+    DDP._set_params_and_buffers_to_ignore_for_model(model, queues)  # torch's way to leave buffers out of DDP
+    return DDP(model)
 
 
 # ---- training ----
@@ -396,9 +423,7 @@ def train(cfg):
     checkpointer = Checkpointer(cfg, schedule, model, optimizer, scaler, metrics, device, rank, world_size)
     step = checkpointer.resume()  # from the newest intact checkpoint in out_dir (see cfg.resume); 0: a new run
     write_run_config(cfg, is_main, precision=precision, precision_reason=why, **schedule)
-    # broadcast_buffers=False: the queue is the same on every rank (enqueue), so DDP need not send its tens of MB
-    # each step; BN running statistics then stay each rank's own, and rank 0's are saved, as with the broadcast
-    ddp_model = DDP(model, broadcast_buffers=False) if world_size > 1 else model
+    ddp_model = ddp_without_queue(model, world_size)
     if cfg.compile:
         ddp_model = torch.compile(ddp_model)
 
@@ -410,6 +435,7 @@ def train(cfg):
         tic = time.time()
         for (x1, x2), _ in bar:
             lr = lr_at(step, total_steps, warmup_steps, peak_lr, cfg.min_lr)
+            m = ema_at(step, total_steps, cfg.base_ema, cfg.final_ema)  # the EMA rate after this step
             if cfg.lr_drops:
                 lr = step_lr_at(step, steps_per_epoch, peak_lr, cfg.lr_drops)
             set_lr(optimizer, lr, peak_lr)
@@ -417,22 +443,21 @@ def train(cfg):
             x2 = x2.to(device, non_blocking=True, memory_format=memory_format)
             with autocast(device, precision):
                 q1, q2, k1, k2 = ddp_model(x1, x2, step)
-            loss = moco_loss(q1, q2, k1, k2, cfg.temperature, model.queue)
+            loss, accuracy = moco_loss(q1, q2, k1, k2, cfg.temperature, model.queue)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)  # the true gradient (fp16), for its norm
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
             # kept on the device; False only for a non-finite step to skip (--skip_nonfinite)
-            if metrics.add(loss=loss, grad_norm=grad_norm):
+            if metrics.add(loss=loss, grad_norm=grad_norm, instance_top1=accuracy[0], instance_top5=accuracy[1]):
                 scaler.step(optimizer)
                 if model.queue is not None:  # after the loss, this step's keys replace the oldest (view 2's in
                     for queue, keys in zip(model.queue, (k2, k1)):  # queue 0, view 1's in 1); a skipped step
                         enqueue(queue, keys, step)  # (--skip_nonfinite) leaves the queue as it was
+                # after the step, for the next step's keys (the official v3 moves the key encoder at the start of
+                # the next step with that step's rate: one step later on the cosine, 1.6e-7 apart at most)
+                model.update_key_encoder(m)
             scaler.update()
-            # after the step, for the next step's keys (the official v3 moves the key encoder at the start of the
-            # next step with that step's rate: one step later on the cosine, at most 1.6e-7 apart at 0.99, 100k steps)
-            m = ema_at(step, total_steps, cfg.base_ema, cfg.final_ema)
-            model.update_key_encoder(m)
             step += 1
             save = checkpointer.due(step)  # every checkpoint_every_steps / _minutes, or after SIGTERM / SIGUSR1
             if step % cfg.log_every == 0 or save:  # the host sync (besides fp16's GradScaler): read, average, check

@@ -86,7 +86,7 @@ class Config(PretrainConfig):
     warmup_epochs: float = 10.0  # linear warm-up from 0 to the peak lr
     bias_lr_ratio: float = 1.0  # lr of biases and norm parameters = this x the scheduled lr
     weight_decay: float = 1e-5  # on weights; biases and norm parameters: see decay_bias_and_norm
-    decay_bias_and_norm: bool = False  # SGD / AdamW: weight decay on biases and norm parameters too
+    decay_bias_and_norm: bool = False  # weight decay on biases and norm parameters too (LARS: also adapted, as LARC)
     momentum: float = 0.9  # SGD / LARS momentum
     lars_eta: float = 0.02  # LARS trust coefficient
     lars_clip: bool = True  # LARC-style clipping: the adapted lr never exceeds the scheduled lr
@@ -241,15 +241,18 @@ class LARS(torch.optim.Optimizer):
     """LARS (You et al., 2017, arXiv:1708.03888) as used by SimCLR, BYOL and Barlow Twins.
 
     For each weight matrix: d = grad + weight_decay * w, trust ratio q = eta * ||w|| / ||d||, then SGD with
-    momentum on q * d. Parameters with ndim == 1 (biases, BN and LayerNorm weights) get neither weight decay
-    nor adaptation: plain SGD with momentum. With clip=True the adapted step is capped at the scheduled lr
-    (q <- min(q / lr, 1)), as in apex's LARC "clip" mode and solo-learn. Differences from the others:
-    SimCLR-TF's LARS selects the excluded variables by name, uses eta 0.001 without clipping and keeps the lr
-    inside its momentum buffer; apex LARC computes the trust ratio as eta * ||w|| / (||g|| + wd * ||w||)
-    rather than from ||g + wd * w||."""
+    momentum on q * d. Parameters with ndim == 1 (biases, BN and LayerNorm weights) get neither weight decay nor
+    adaptation, plain SGD with momentum (exclude_bias_and_norm, the default: SimCLR, BYOL, Barlow Twins, solo-
+    learn); exclude_bias_and_norm=False decays and adapts them like the weights, as apex's LARC in the official
+    SwAV code (with their group's weight_decay, which build_optimizer sets). With clip=True the adapted step is
+    capped at the scheduled lr (q <- min(q / lr, 1)), as in apex's LARC "clip" mode and solo-learn. Differences
+    from the others: SimCLR-TF's LARS selects the excluded variables by name, uses eta 0.001 without clipping and
+    keeps the lr inside its momentum buffer; apex LARC computes the trust ratio as eta * ||w|| / (||g|| + wd *
+    ||w||) rather than from ||g + wd * w||."""
 
-    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.02, clip=True):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, clip=clip))
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.02, clip=True, exclude_bias_and_norm=True):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, clip=clip,
+                                      exclude_bias_and_norm=exclude_bias_and_norm))
 
     @torch.no_grad()
     def step(self):
@@ -258,7 +261,7 @@ class LARS(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 d = p.grad
-                if p.ndim > 1:
+                if p.ndim > 1 or not group["exclude_bias_and_norm"]:
                     d = d.add(p, alpha=group["weight_decay"])
                     w_norm, d_norm = p.norm(), d.norm()
                     q = torch.where((w_norm > 0) & (d_norm > 0), group["eta"] * w_norm / d_norm, 1.0)
@@ -276,11 +279,9 @@ class LARS(torch.optim.Optimizer):
 def build_optimizer(cfg, model, fixed_lr=()):
     """LARS, SGD or AdamW over the trained parameters (requires_grad), in the groups that set_lr schedules: weights
     (ndim > 1), and biases + norm parameters (ndim == 1) at lr x bias_lr_ratio, without weight decay unless
-    decay_bias_and_norm (SGD, AdamW; LARS never decays or adapts them). Parameters in `fixed_lr` keep the peak lr."""
+    decay_bias_and_norm (LARS then also adapts them, as apex's LARC). Parameters in `fixed_lr` keep the peak lr."""
     if cfg.optimizer not in ("lars", "sgd", "adamw"):
         raise UsageError(f"optimizer must be lars, sgd or adamw, got {cfg.optimizer!r}")
-    if cfg.decay_bias_and_norm and cfg.optimizer == "lars":
-        raise UsageError("decay_bias_and_norm needs --optimizer sgd or adamw: LARS never decays biases and norms")
     fixed = {id(p) for p in fixed_lr}
     groups = []
     for is_fixed in (False, True):
@@ -290,8 +291,8 @@ def build_optimizer(cfg, model, fixed_lr=()):
                     "weight_decay": cfg.weight_decay if cfg.decay_bias_and_norm else 0.0}]
     groups = [group for group in groups if group["params"]]
     if cfg.optimizer == "lars":
-        return LARS(groups, lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                    eta=cfg.lars_eta, clip=cfg.lars_clip)
+        return LARS(groups, lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay, eta=cfg.lars_eta,
+                    clip=cfg.lars_clip, exclude_bias_and_norm=not cfg.decay_bias_and_norm)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=0.0, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -309,6 +310,17 @@ def lr_at(step, total_steps, warmup_steps, peak_lr, min_lr=0.0):
         return peak_lr * step / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return min_lr + 0.5 * (peak_lr - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def ddp_without_queue(model, world_size):
+    """The model under DDP (itself in one process). DDP broadcasts rank 0's buffers at each forward: the BN running
+    statistics, so that every rank evaluates (kNN monitor, checkpoint) with the same ones, as the official code's
+    DDP does; but not the queue (and its labels), the same on every rank already (enqueue) and tens of MB."""
+    if world_size == 1:
+        return model
+    queues = [name for name, _ in model.named_buffers() if name.startswith("queue")]
+    DDP._set_params_and_buffers_to_ignore_for_model(model, queues)  # torch's way to leave buffers out of DDP
+    return DDP(model)
 
 
 # ---- training ----
@@ -346,9 +358,7 @@ def train(cfg):
     checkpointer = Checkpointer(cfg, schedule, model, optimizer, scaler, metrics, device, rank, world_size)
     step = checkpointer.resume()  # from the newest intact checkpoint in out_dir (see cfg.resume); 0: a new run
     write_run_config(cfg, is_main, precision=precision, precision_reason=why, **schedule)
-    # broadcast_buffers=False: Q is the same on every rank (enqueue), so DDP need not send its tens of MB each
-    # step; BN running statistics then stay each rank's own, and rank 0's are saved, as with the broadcast
-    ddp_model = DDP(model, broadcast_buffers=False) if world_size > 1 else model
+    ddp_model = ddp_without_queue(model, world_size)
     if cfg.compile:
         ddp_model = torch.compile(ddp_model)
 

@@ -89,7 +89,7 @@ class Config(PretrainConfig):
     warmup_epochs: float = 10.0  # linear warm-up from 0 to the peak lr
     bias_lr_ratio: float = 1.0  # lr of biases and norm parameters = this x the scheduled lr
     weight_decay: float = 1e-4  # on weights; biases and norm parameters: see decay_bias_and_norm
-    decay_bias_and_norm: bool = False  # SGD / AdamW: weight decay on biases and norm parameters too
+    decay_bias_and_norm: bool = False  # weight decay on biases and norm parameters too (LARS: also adapted, as LARC)
     momentum: float = 0.9  # SGD / LARS momentum
     lars_eta: float = 0.02  # LARS trust coefficient
     lars_clip: bool = True  # LARC-style clipping: the adapted lr never exceeds the scheduled lr
@@ -209,15 +209,18 @@ class LARS(torch.optim.Optimizer):
     """LARS (You et al., 2017, arXiv:1708.03888) as used by SimCLR, BYOL and Barlow Twins.
 
     For each weight matrix: d = grad + weight_decay * w, trust ratio q = eta * ||w|| / ||d||, then SGD with
-    momentum on q * d. Parameters with ndim == 1 (biases, BN and LayerNorm weights) get neither weight decay
-    nor adaptation: plain SGD with momentum. With clip=True the adapted step is capped at the scheduled lr
-    (q <- min(q / lr, 1)), as in apex's LARC "clip" mode and solo-learn. Differences from the others:
-    SimCLR-TF's LARS selects the excluded variables by name, uses eta 0.001 without clipping and keeps the lr
-    inside its momentum buffer; apex LARC computes the trust ratio as eta * ||w|| / (||g|| + wd * ||w||)
-    rather than from ||g + wd * w||."""
+    momentum on q * d. Parameters with ndim == 1 (biases, BN and LayerNorm weights) get neither weight decay nor
+    adaptation, plain SGD with momentum (exclude_bias_and_norm, the default: SimCLR, BYOL, Barlow Twins, solo-
+    learn); exclude_bias_and_norm=False decays and adapts them like the weights, as apex's LARC in the official
+    SwAV code (with their group's weight_decay, which build_optimizer sets). With clip=True the adapted step is
+    capped at the scheduled lr (q <- min(q / lr, 1)), as in apex's LARC "clip" mode and solo-learn. Differences
+    from the others: SimCLR-TF's LARS selects the excluded variables by name, uses eta 0.001 without clipping and
+    keeps the lr inside its momentum buffer; apex LARC computes the trust ratio as eta * ||w|| / (||g|| + wd *
+    ||w||) rather than from ||g + wd * w||."""
 
-    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.02, clip=True):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, clip=clip))
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.02, clip=True, exclude_bias_and_norm=True):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, clip=clip,
+                                      exclude_bias_and_norm=exclude_bias_and_norm))
 
     @torch.no_grad()
     def step(self):
@@ -226,7 +229,7 @@ class LARS(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 d = p.grad
-                if p.ndim > 1:
+                if p.ndim > 1 or not group["exclude_bias_and_norm"]:
                     d = d.add(p, alpha=group["weight_decay"])
                     w_norm, d_norm = p.norm(), d.norm()
                     q = torch.where((w_norm > 0) & (d_norm > 0), group["eta"] * w_norm / d_norm, 1.0)
@@ -244,11 +247,9 @@ class LARS(torch.optim.Optimizer):
 def build_optimizer(cfg, model, fixed_lr=()):
     """LARS, SGD or AdamW over the trained parameters (requires_grad), in the groups that set_lr schedules: weights
     (ndim > 1), and biases + norm parameters (ndim == 1) at lr x bias_lr_ratio, without weight decay unless
-    decay_bias_and_norm (SGD, AdamW; LARS never decays or adapts them). Parameters in `fixed_lr` keep the peak lr."""
+    decay_bias_and_norm (LARS then also adapts them, as apex's LARC). Parameters in `fixed_lr` keep the peak lr."""
     if cfg.optimizer not in ("lars", "sgd", "adamw"):
         raise UsageError(f"optimizer must be lars, sgd or adamw, got {cfg.optimizer!r}")
-    if cfg.decay_bias_and_norm and cfg.optimizer == "lars":
-        raise UsageError("decay_bias_and_norm needs --optimizer sgd or adamw: LARS never decays biases and norms")
     fixed = {id(p) for p in fixed_lr}
     groups = []
     for is_fixed in (False, True):
@@ -258,8 +259,8 @@ def build_optimizer(cfg, model, fixed_lr=()):
                     "weight_decay": cfg.weight_decay if cfg.decay_bias_and_norm else 0.0}]
     groups = [group for group in groups if group["params"]]
     if cfg.optimizer == "lars":
-        return LARS(groups, lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                    eta=cfg.lars_eta, clip=cfg.lars_clip)
+        return LARS(groups, lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay, eta=cfg.lars_eta,
+                    clip=cfg.lars_clip, exclude_bias_and_norm=not cfg.decay_bias_and_norm)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=0.0, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -330,6 +331,7 @@ def train(cfg):
         tic = time.time()
         for (x1, x2), _ in bar:
             lr = lr_at(step, total_steps, warmup_steps, peak_lr, cfg.min_lr)
+            m = ema_at(step, total_steps, cfg.base_ema)  # the EMA rate after this step
             set_lr(optimizer, lr, peak_lr)
             x1 = x1.to(device, non_blocking=True, memory_format=memory_format)
             x2 = x2.to(device, non_blocking=True, memory_format=memory_format)
@@ -343,9 +345,8 @@ def train(cfg):
             # kept on the device; False only for a non-finite step to skip (--skip_nonfinite)
             if metrics.add(loss=loss, grad_norm=grad_norm, nce=nce, kl=kl):
                 scaler.step(optimizer)
+                model.update_target(m)  # after the step (target_ema): xi <- m * xi + (1 - m) * theta
             scaler.update()
-            m = ema_at(step, total_steps, cfg.base_ema)
-            model.update_target(m)  # after the step (target_ema): xi <- m * xi + (1 - m) * theta
             step += 1
             save = checkpointer.due(step)  # every checkpoint_every_steps / _minutes, or after SIGTERM / SIGUSR1
             if step % cfg.log_every == 0 or save:  # the host sync (besides fp16's GradScaler): read, average, check

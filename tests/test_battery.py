@@ -323,15 +323,13 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(method, trained, tmp_pat
     assert _files(run)[run / "last.pt"] == before[run / "last.pt"]  # last.pt untouched
 
 
-EMA_COPIES = {"moco": "key_", "byol": "target_", "relic": "target_", "dino": "teacher"}  # moved by the EMA alone
-
-
 @pytest.mark.parametrize("method", METHODS)
 def test_a_skipped_step_leaves_weights_optimizer_and_buffers_as_they_were(method, trained, tmp_path, monkeypatch):
     """--skip_nonfinite: the epoch-1 state, resumed in this process with every step of epoch 2 reported non-finite
     (the loss StepMetrics.add is handed turns NaN; the check itself is tested in test_common): all 4 steps are
-    skipped, and the trained weights, the optimizer's state and the method's buffers (queues, centers) end exactly
-    as they were. Only what a forward pass or the EMA moves may change: BatchNorm statistics, an EMA copy."""
+    skipped, and the trained weights, their EMA copies (targets, teacher, key encoder), the optimizer's state and
+    the method's buffers (queues, centers) end exactly as they were. Only what a forward pass moves may change:
+    BatchNorm statistics."""
     run = _resume_copy(trained, method, tmp_path)
     before = torch.load(run / "last.pt", weights_only=False)
     add = StepMetrics.add
@@ -346,7 +344,7 @@ def test_a_skipped_step_leaves_weights_optimizer_and_buffers_as_they_were(method
         torch.testing.assert_close(after["model"]["prototypes.weight"], F.normalize(prototypes))
         moved.remove("prototypes.weight")
     allowed = ("running_mean", "running_var", "num_batches_tracked")
-    assert {name for name in moved if not name.endswith(allowed) and EMA_COPIES.get(method, "-") not in name} == set()
+    assert {name for name in moved if not name.endswith(allowed)} == set()
     assert all(torch.equal(a, b) for a, b in zip(_tensors(before["optimizer"]), _tensors(after["optimizer"])))
 
 
@@ -377,6 +375,12 @@ def test_lars_follows_its_update_rule(method):
     d2 = gw + wd * (w0 - lr * q * d)
     q2 = eta * (w0 - lr * q * d).norm() / d2.norm()
     torch.testing.assert_close(w.detach(), w0 - lr * q * d - lr * (mom * q * d + q2 * d2))
+    # exclude_bias_and_norm=False (apex's LARC, the official SwAV): the bias decayed and adapted like a weight
+    b.data.copy_(b0)
+    adapted = module.LARS([b], lr=lr, momentum=mom, weight_decay=wd, eta=eta, clip=False, exclude_bias_and_norm=False)
+    adapted.step()
+    d = gb + wd * b0
+    torch.testing.assert_close(b.detach(), b0 - lr * (eta * b0.norm() / d.norm()) * d)
     # clip: the adapted step never exceeds the scheduled one
     clipped = module.LARS([w], lr=1e-6, momentum=0.0, weight_decay=0.0, eta=1e3, clip=True)
     before = w.detach().clone()
@@ -428,15 +432,18 @@ def test_optimizer_groups_and_their_lr(method, optimizer):
 @pytest.mark.parametrize("method", METHODS)
 def test_decay_bias_and_norm(method):
     """The official SimSiam decays every parameter: with SGD, decay_bias_and_norm puts the weight decay on
-    biases and norm parameters too; LARS never decays them, so asking for both is an error."""
-    from common.config import UsageError
+    biases and norm parameters too. The official SwAV's LARC decays and adapts every parameter: with LARS,
+    decay_bias_and_norm does both (by default LARS leaves them out of both)."""
     case, module = case_of(method), importlib.import_module(method)
-    cfg = module.Config(optimizer="sgd", decay_bias_and_norm=True, weight_decay=0.01, proj_hidden_dim=16, proj_dim=8)
+    for optimizer in ("sgd", "lars"):
+        cfg = module.Config(optimizer=optimizer, decay_bias_and_norm=True, weight_decay=0.01, proj_hidden_dim=16,
+                            proj_dim=8)
+        opt = module.build_optimizer(cfg, getattr(module, case.model)(cfg))
+        assert {g["weight_decay"] for g in opt.param_groups} == {0.01}
+    assert {g["exclude_bias_and_norm"] for g in opt.param_groups} == {False}
+    cfg.decay_bias_and_norm = False
     opt = module.build_optimizer(cfg, getattr(module, case.model)(cfg))
-    assert {g["weight_decay"] for g in opt.param_groups} == {0.01}
-    cfg.optimizer = "lars"
-    with pytest.raises(UsageError, match="decay_bias_and_norm needs --optimizer sgd or adamw"):
-        module.build_optimizer(cfg, getattr(module, case.model)(cfg))
+    assert {g["exclude_bias_and_norm"] for g in opt.param_groups} == {True}
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -455,7 +462,7 @@ def test_lr_schedule_endpoints(method):
 SHARED = ["LARS", "build_optimizer", "set_lr", "lr_at"]
 SHARED_IF_USED = {"GatherWithGrad": "simclr", "gather_with_grad": "simclr", "gather_no_grad": "moco", "enqueue": "moco",
                   "multi_crop_forward": "swav", "all_reduce_no_grad": "swav", "mlp": "simclr",  # DINO's head: GELU
-                  "ema_update": "byol", "ema_at": "byol"}
+                  "ema_update": "byol", "ema_at": "byol", "ddp_without_queue": "moco"}
 
 
 @pytest.mark.parametrize("method", METHODS[1:])

@@ -37,8 +37,8 @@ def start_queue():
 
 def moco_call(module, x):
     queue = start_queue()
-    loss = (module.moco_loss(x["q1"], x["q2"], x["k1"], x["k2"], TEMPERATURE, queue)  # v2+: the queues
-            + module.moco_loss(x["q1"], x["q2"], x["k1"], x["k2"], TEMPERATURE))  # v3: the global batch
+    loss = (module.moco_loss(x["q1"], x["q2"], x["k1"], x["k2"], TEMPERATURE, queue)[0]  # v2+: the queues
+            + module.moco_loss(x["q1"], x["q2"], x["k1"], x["k2"], TEMPERATURE)[0])  # v3: the global batch
     queue = queue.clone()  # train() enqueues after the backward, which needs the queue the loss saw
     for view, keys in enumerate((x["k2"], x["k1"])):  # step 1: the keys of all ranks fill rows 8..15
         module.enqueue(queue[view], keys, step=1)
@@ -129,7 +129,7 @@ def test_key_encoder_gets_no_gradient_and_follows_the_ema():
     model = moco.MoCo(tiny(version=3)).train()
     q1, q2, k1, k2 = model(images(), images().flip(0), step=0)
     assert not k1.requires_grad and not k2.requires_grad  # MoCo.forward's torch.no_grad: the stop-gradient
-    moco.moco_loss(q1, q2, k1, k2, 0.2).backward()
+    moco.moco_loss(q1, q2, k1, k2, 0.2)[0].backward()
     assert all(p.grad is None for p in list(model.key_backbone.parameters()) + list(model.key_projector.parameters()))
     assert model.backbone.conv1.weight.grad is not None and model.predictor[0].weight.grad is not None
     online = {name: p.detach().clone() for name, p in model.named_parameters() if not name.startswith("key_")}
@@ -165,7 +165,7 @@ def test_v1_loss_is_one_direction_against_the_queue():
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g)
     queue = F.normalize(torch.randn(1, 5, 6, generator=g), dim=2)
-    loss = moco.moco_loss(q, None, None, k, 0.07, queue)
+    loss, _ = moco.moco_loss(q, None, None, k, 0.07, queue)
     total = 0.0
     for i in range(4):
         logits = [F.cosine_similarity(q[i], k[i], dim=0).item()] + [
@@ -234,3 +234,41 @@ def test_v1_shuffle_bn_trains_under_torchrun(tmp_path):
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert ckpt["step"] == 4 and ckpt["model"]["queue"].shape == (1, 64, 32)
     assert torch.allclose(ckpt["model"]["queue"].norm(dim=2), torch.ones(1, 64))
+
+
+# ---- the instance discrimination's accuracy ----
+def test_instance_accuracy_counts_the_positive_among_the_top_scores():
+    """Row 0: the positive scores highest; row 1: second highest (top-5 only); row 2: lowest (neither)."""
+    logits = torch.tensor([[5.0, 1, 0, 0, 0, 0, 0], [1.0, 5, 4, 3, 2, 0, 6], [0.0, 1, 2, 3, 4, 5, 6]])
+    torch.testing.assert_close(moco.instance_accuracy(logits, torch.tensor([0, 1, 0])),
+                               torch.tensor([100 / 3, 200 / 3]))
+
+
+def test_the_trained_run_logs_the_instance_accuracy(trained):
+    """train/instance_top1 and _top5 every log_every steps and per epoch, as the official code logs Acc@1 / Acc@5."""
+    lines = read_jsonl(trained["moco"] / "metrics.jsonl")
+    steps = [line for line in lines if "train/instance_top1" in line]
+    epochs = [line for line in lines if "train/epoch_instance_top1" in line]
+    assert steps and epochs
+    assert all(0 <= line["train/instance_top1"] <= line["train/instance_top5"] <= 100 for line in steps)
+
+
+# ---- DDP: BN statistics broadcast, the queue left out ----
+def _ddp_buffers(rank, world_size):
+    """Each rank starts with its own BN statistics and queue and runs one forward of the same images under
+    ddp_without_queue: DDP first broadcasts rank 0's buffers, so the BN statistics end the same on both ranks;
+    the queue, left out, stays each rank's own."""
+    torch.manual_seed(0)
+    model = moco.MoCo(tiny(), world_size).train()
+    with torch.no_grad():
+        model.backbone.bn1.running_mean.fill_(rank + 1.0)
+        model.queue.fill_(rank + 1.0)
+    ddp_model = moco.ddp_without_queue(model, world_size)
+    ddp_model(images(4), images(4).flip(0), step=0)
+    return model.backbone.bn1.running_mean.clone(), model.queue.clone()
+
+
+def test_ddp_broadcasts_bn_statistics_but_not_the_queue():
+    (bn0, queue0), (bn1, queue1) = run_ranks(_ddp_buffers, 2)
+    torch.testing.assert_close(bn0, bn1)
+    assert (queue0 == 1).all() and (queue1 == 2).all()

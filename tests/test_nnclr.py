@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import nnclr
-from battery import MethodCase
+from battery import MethodCase, run_ranks
 from common.config import UsageError, load_config
 from helpers import REPO
 
@@ -165,3 +165,26 @@ def test_configs_build_the_papers_heads(name, queue_size, temperature):
     assert [m.out_features for m in model.predictor if isinstance(m, torch.nn.Linear)] == [4096, 256]
     if name == "nnclr.yaml":  # the CIFAR recipe is the Config's defaults
         assert cfg == nnclr.Config(data_dir=cfg.data_dir, knn_every=cfg.knn_every)
+
+
+# ---- DDP: BN statistics broadcast, the support set left out ----
+def _ddp_buffers(rank, world_size):
+    """Each rank starts with its own BN statistics and support set and runs one forward of the same images under
+    ddp_without_queue: DDP first broadcasts rank 0's buffers, so the BN statistics end the same on both ranks;
+    the support set and its labels, left out, stay each rank's own."""
+    torch.manual_seed(0)
+    model = nnclr.NNCLR(tiny(image_size=16)).train()
+    with torch.no_grad():
+        model.backbone.bn1.running_mean.fill_(rank + 1.0)
+        model.queue.fill_(rank + 1.0)
+        model.queue_labels.fill_(rank)
+    ddp_model = nnclr.ddp_without_queue(model, world_size)
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    ddp_model(x, x.flip(0))
+    return model.backbone.bn1.running_mean.clone(), model.queue.clone(), model.queue_labels.clone()
+
+
+def test_ddp_broadcasts_bn_statistics_but_not_the_support_set():
+    (bn0, queue0, labels0), (bn1, queue1, labels1) = run_ranks(_ddp_buffers, 2)
+    torch.testing.assert_close(bn0, bn1)
+    assert (queue0 == 1).all() and (queue1 == 2).all() and (labels0 == 0).all() and (labels1 == 1).all()
