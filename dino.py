@@ -89,6 +89,7 @@ class Config(PretrainConfig):
     patch_size: int = 16  # ViT patch size
     zero_init_residual: bool = False  # ResNets: start each residual block as the identity (last BN gamma = 0)
     drop_path: float = 0.0  # ViTs: stochastic depth of the student (the teacher has none), rising to this rate
+    vit_init: str = "torchvision"  # ViTs' initial weights: torchvision | dino (the official code's: trunc normal 0.02)
     proj_layers: int = 3  # Linear layers of the head's MLP (DINOHead): (proj_layers - 1) x Linear-(BN)-GELU, Linear
     proj_hidden_dim: int = 2048  # width of the head's hidden layers
     proj_dim: int = 256  # width of the head's bottleneck, L2-normalised before the last layer
@@ -168,7 +169,7 @@ class DINO(nn.Module):
         super().__init__()
         self.backbone_args = backbone_args(cfg.arch, cfg.image_size, cfg.cifar_stem, cfg.patch_size)
         self.backbone, width = build_backbone(**self.backbone_args, zero_init_residual=cfg.zero_init_residual,
-                                              drop_path=cfg.drop_path)
+                                              drop_path=cfg.drop_path, vit_init=cfg.vit_init)
         self.head = DINOHead(width, cfg.proj_hidden_dim, cfg.proj_dim, cfg.num_prototypes,
                              cfg.proj_layers, cfg.proj_bn, cfg.norm_last_layer)
         self.teacher_backbone, _ = build_backbone(**self.backbone_args)

@@ -84,6 +84,7 @@ class Config(PretrainConfig):
     zero_init_residual: bool = False  # ResNets: start each residual block as the identity (last BN gamma = 0)
     pos_embed: str = "learned"  # ViT position embedding: learned | sincos (v3's fixed 2-D sine-cosine)
     freeze_patch_embed: bool = False  # ViT: keep the random patch projection fixed (v3's stop-grad-conv1)
+    vit_init: str = "torchvision"  # ViTs' initial weights: torchvision | moco_v3 (the official code's: xavier-uniform)
     version: int = 2  # 1 | 2: negatives from a queue of keys; 3: the global batch's keys and a predictor
     symmetric: bool = True  # v1 / v2: both views are queries, one queue per view (v2+); v3 is always symmetric
     queue_size: int = 32768  # v1 / v2: keys in each queue (a multiple of the global batch)
@@ -149,7 +150,8 @@ class MoCo(nn.Module):
         self.backbone_args = backbone_args(cfg.arch, cfg.image_size, cfg.cifar_stem, cfg.patch_size)
         # f_q: the query encoder
         self.backbone, width = build_backbone(**self.backbone_args, zero_init_residual=cfg.zero_init_residual,
-                                              pos_embed=cfg.pos_embed, freeze_patch_embed=cfg.freeze_patch_embed)
+                                              pos_embed=cfg.pos_embed, freeze_patch_embed=cfg.freeze_patch_embed,
+                                              vit_init=cfg.vit_init)
         self.projector = mlp(width, cfg.proj_hidden_dim, cfg.proj_dim, layers=cfg.proj_layers, bias=cfg.proj_bias,
                              last_bn="plain" if cfg.proj_last_bn else None, hidden_bn=cfg.proj_hidden_bn)
         self.predictor = nn.Identity()

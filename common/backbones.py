@@ -5,7 +5,8 @@ A trunk's state_dict loads with strict=True into the matching torchvision model 
   `apply_cifar_stem` where the trunk uses the CIFAR stem;
 - ViTs (vit_tiny, vit_small, vit_base with any patch_size): torchvision's VisionTransformer(image_size,
   patch_size, ...) with `heads` replaced by nn.Identity. Ours (class ViT) runs at any input size whose sides are
-  multiples of the patch size, interpolating the position embedding (multi-crop, 96 / 224 px evaluation);
+  multiples of the patch size, interpolating the position embedding (multi-crop, 96 / 224 px evaluation), and
+  starts from torchvision's initial weights or from those of the official DINO or MoCo v3 code (vit_init);
 - any other torchvision classification model by name (torchvision.models.list_models(), e.g. convnext_tiny,
   efficientnet_b0, regnet_y_400mf, densenet121, vgg11_bn, mobilenet_v3_large, swin_t):
   torchvision.models.get_model(name) with its LAST nn.Linear replaced by nn.Identity, the feature width that
@@ -103,7 +104,7 @@ def backbone_args(arch, image_size, cifar_stem="auto", patch_size=16):
 
 
 def build_backbone(arch, image_size=224, cifar_stem=False, patch_size=16, zero_init_residual=False, drop_path=0.0,
-                   pos_embed="learned", freeze_patch_embed=False):
+                   pos_embed="learned", freeze_patch_embed=False, vit_init="torchvision"):
     """Return (trunk, feature width); the first arguments are those of backbone_args. The others only change
     how the trunk trains, not its weights' shapes, so they are not part of backbone_args (evaluation rebuilds
     the trunk without them and loads the weights):
@@ -112,10 +113,11 @@ def build_backbone(arch, image_size=224, cifar_stem=False, patch_size=16, zero_i
     - drop_path (ViTs): stochastic depth on both residual branches of each block, its rate rising linearly from
       0 at the first block to drop_path at the last (DeiT, DINO);
     - pos_embed (ViTs): "learned" (torchvision's) or "sincos", MoCo v3's fixed 2-D sine-cosine embedding;
-    - freeze_patch_embed (ViTs): the random patch projection is never trained (MoCo v3's stop-grad-conv1)."""
-    if arch not in VITS and (drop_path or pos_embed != "learned" or freeze_patch_embed):
-        raise UsageError(f"drop_path, pos_embed and freeze_patch_embed apply to ViTs only, not to {arch}; leave them "
-                         "at 0, learned and false")
+    - freeze_patch_embed (ViTs): the random patch projection is never trained (MoCo v3's stop-grad-conv1);
+    - vit_init (ViTs): the initial weights, "torchvision" or the official code's, "dino" or "moco_v3" (vit_init)."""
+    if arch not in VITS and (drop_path or pos_embed != "learned" or freeze_patch_embed or vit_init != "torchvision"):
+        raise UsageError(f"drop_path, pos_embed, freeze_patch_embed and vit_init apply to ViTs only, not to {arch}; "
+                         "leave them at 0, learned, false and torchvision")
     if zero_init_residual and arch not in RESNETS:
         raise UsageError(f"zero_init_residual applies to ResNets only, not to {arch}; set it to false")
     if arch in RESNETS:
@@ -130,6 +132,7 @@ def build_backbone(arch, image_size=224, cifar_stem=False, patch_size=16, zero_i
         net = ViT(image_size=image_size, patch_size=patch_size, num_layers=layers, num_heads=heads, hidden_dim=width,
                   mlp_dim=mlp)
         net.heads = nn.Identity()  # forward returns the class token
+        official_vit_init(net, vit_init)
         if pos_embed not in ("learned", "sincos"):
             raise UsageError(f"pos_embed must be learned or sincos, got {pos_embed!r}")
         if pos_embed == "sincos":
@@ -148,6 +151,53 @@ def build_backbone(arch, image_size=224, cifar_stem=False, patch_size=16, zero_i
     parent, _, child = parent_name.rpartition(".")
     setattr(net.get_submodule(parent) if parent else net, child, nn.Identity())
     return net, width
+
+
+VIT_INITS = ("torchvision", "dino", "moco_v3")
+
+
+@torch.no_grad()
+def official_vit_init(vit, style):
+    """Re-draw a ViT's weights as an official code draws its own (torchvision's: left as built); the same
+    parameters, in torchvision's layout (attention's q, k, v in one in_proj_weight, as in the official qkv Linear).
+    - "dino" (facebookresearch/dino, vision_transformer.py): every Linear weight (qkv included) and the class token
+      and position embedding truncated normal with std 0.02, biases 0, LayerNorms 1 and 0; the patch projection
+      keeps PyTorch's default Conv2d init.
+    - "moco_v3" (facebookresearch/moco-v3, vits.py): every Linear weight xavier-uniform, the qkv weight as three
+      separate q, k, v matrices, biases 0; the class token normal with std 1e-6; the patch projection uniform in
+      +-sqrt(6 / (3 p^2 + width)), bias 0 (with its fixed sine-cosine position embedding, pos_embed sincos)."""
+    if style not in VIT_INITS:
+        raise UsageError(f"vit_init must be one of {', '.join(VIT_INITS)}, got {style!r}")
+    if style == "torchvision":
+        return
+    attentions = [m for m in vit.modules() if isinstance(m, nn.MultiheadAttention)]
+    linears = [m for m in vit.modules() if isinstance(m, nn.Linear)]  # the MLPs and attention's out_proj
+    for m in vit.modules():
+        if isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    for m in attentions:
+        nn.init.zeros_(m.in_proj_bias)
+    for m in linears:
+        nn.init.zeros_(m.bias)
+    if style == "dino":
+        for weight in [m.in_proj_weight for m in attentions] + [m.weight for m in linears]:
+            nn.init.trunc_normal_(weight, std=0.02)
+        nn.init.trunc_normal_(vit.class_token, std=0.02)
+        nn.init.trunc_normal_(vit.encoder.pos_embedding, std=0.02)
+        vit.conv_proj.reset_parameters()
+        return
+    for m in attentions:  # q, k and v each a width x width matrix: xavier-uniform's bound of one of them
+        width = m.in_proj_weight.shape[1]
+        bound = math.sqrt(6.0 / (width + width))
+        nn.init.uniform_(m.in_proj_weight, -bound, bound)
+    for m in linears:
+        nn.init.xavier_uniform_(m.weight)
+    nn.init.normal_(vit.class_token, std=1e-6)
+    p, width = vit.patch_size, vit.hidden_dim
+    bound = math.sqrt(6.0 / (3 * p * p + width))
+    nn.init.uniform_(vit.conv_proj.weight, -bound, bound)
+    nn.init.zeros_(vit.conv_proj.bias)
 
 
 class ViT(tvm.VisionTransformer):

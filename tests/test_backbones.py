@@ -164,3 +164,56 @@ def test_evaluation_rebuilds_a_torchvision_model_trunk(tmp_path):
     assert loaded_args == args and width == 512
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(loaded.eval()(x), trunk.eval()(x))
+
+
+# ---- the official ViT initialisations ----
+def _vit(vit_init, **options):
+    torch.manual_seed(0)
+    return build_backbone(**backbone_args("vit_small", 32, patch_size=4), vit_init=vit_init, **options)[0]
+
+
+def test_dino_vit_init_is_the_official_truncated_normal():
+    """facebookresearch/dino: Linear weights (qkv included), class token and position embedding ~ trunc normal
+    std 0.02, biases 0, LayerNorms 1 / 0; the patch projection keeps PyTorch's default Conv2d init."""
+    vit = _vit("dino")
+    attention = vit.encoder.layers[0].self_attention
+    for weight in (attention.in_proj_weight, attention.out_proj.weight, vit.encoder.layers[0].mlp[0].weight,
+                   vit.class_token, vit.encoder.pos_embedding):
+        assert abs(weight.std().item() - 0.02) < 0.003  # truncated at +-2 (absolute), as the official call
+    assert (attention.in_proj_bias == 0).all() and (vit.encoder.layers[0].mlp[3].bias == 0).all()
+    fan_in = 3 * 4 * 4
+    assert vit.conv_proj.weight.abs().max() <= 1 / fan_in ** 0.5 and vit.conv_proj.weight.std() > 0.5 / 48 ** 0.5 / 3
+
+
+def test_moco_v3_vit_init_is_the_official_xavier_uniform():
+    """facebookresearch/moco-v3: xavier-uniform Linear weights with q, k, v drawn as separate matrices, biases 0,
+    class token ~ N(0, 1e-6), the (frozen) patch projection uniform in +-sqrt(6 / (3 p^2 + width)): at patch 4
+    and width 384 a std of 0.068, against torchvision's 0.144."""
+    vit = _vit("moco_v3", pos_embed="sincos", freeze_patch_embed=True)
+    width = 384
+    attention = vit.encoder.layers[0].self_attention
+    qkv_bound, mlp_bound = (6 / (2 * width)) ** 0.5, (6 / (width + 4 * width)) ** 0.5
+    assert qkv_bound * 0.98 < attention.in_proj_weight.abs().max() <= qkv_bound
+    assert mlp_bound * 0.98 < vit.encoder.layers[0].mlp[0].weight.abs().max() <= mlp_bound
+    assert (attention.in_proj_bias == 0).all() and vit.class_token.abs().max() < 1e-5
+    patch_bound = (6 / (3 * 16 + width)) ** 0.5
+    assert abs(vit.conv_proj.weight.std().item() - patch_bound / 3 ** 0.5) < 0.004
+    assert vit.conv_proj.weight.abs().max() <= patch_bound and not vit.conv_proj.weight.requires_grad
+    assert abs(_vit("torchvision").conv_proj.weight.std().item() - 0.144) < 0.01  # torchvision: 2.1 x
+
+
+def test_vit_inits_keep_torchvisions_parameters():
+    """The same state_dict keys and shapes whatever the init: evaluation rebuilds the trunk without it."""
+    reference = _vit("torchvision").state_dict()
+    for vit_init in ("dino", "moco_v3"):
+        state = _vit(vit_init).state_dict()
+        assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in reference.items()}
+
+
+@pytest.mark.parametrize("arch, vit_init, message", [
+    ("vit_tiny", "timm", "vit_init must be one of torchvision, dino, moco_v3"),
+    ("resnet18", "dino", "apply to ViTs only"),
+])
+def test_bad_vit_init_is_a_clear_error(arch, vit_init, message):
+    with pytest.raises(UsageError, match=message):
+        build_backbone(**backbone_args(arch, 32, patch_size=4), vit_init=vit_init)
