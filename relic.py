@@ -18,8 +18,11 @@ network, 74.8%), computed without gradient. No public code reproduces the paper;
 both distributions are full softmaxes over the global batch (not over the positives only), the KL is taken
 between probabilities with log-softmaxes (not softmaxes) inside, and without a stop-gradient: the paper puts
 none in Eq. 3, so with h = f both sides of the KL train f (with the target network, only the online side can).
+Our choices, where the paper leaves them open: phi is the cosine of the critic's outputs over a temperature (the
+paper's phi is a learned critic of unstated form), the critic g is Linear-BN-ReLU-Linear to 128-d (the paper's
+"critic MLP"), and with target_ema the target h is an EMA of f and g (the EMA rate m from base_ema to 1, as BYOL).
 Our values, named in the configs: alpha 1 (the paper's penalty weight), tau 0.1 on ImageNet (0.2 on CIFAR-10, as
-the other contrastive recipes here), a critic Linear-BN-ReLU-Linear to 128-d (the paper's "critic MLP").
+the other contrastive recipes here).
 
 The paper's objective in this file:
     x^a, x^b = a(x), b(x)                      two_views (common/augment.py), reproducible per (seed, epoch, image)

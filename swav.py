@@ -34,14 +34,17 @@ Where the official code's effective behaviour is followed rather than a literal 
   empty at queue_start_epoch and is used from queue_size / global_batch steps later on, when full; a step
   skipped for a non-finite loss (--skip_nonfinite) enqueues nothing, so its rows keep their older content (zeros,
   during the first fill: uniform columns for Sinkhorn until they are overwritten).
-- The scores (z and the prototypes' layer) and Sinkhorn are in fp32 whatever the precision (the official code
-  ran them in fp16 under apex O1); Sinkhorn subtracts the largest score before the exponential (the same Q after
-  its normalisation; no overflow at small eps).
+- The scores (z and the prototypes' layer) and Sinkhorn are in fp32 whatever the precision (under the official
+  apex O1 the scores and their division by eps were fp16, the exponential and Sinkhorn's sums fp32); Sinkhorn
+  subtracts the largest score before the exponential (the same Q after its normalisation; no overflow at small
+  eps). The trunk's features carry the precision's rounding, which 1/eps amplifies: at initialisation the codes
+  are about 6 % (L1) from fp32's under bf16 autocast (tests/test_swav.py); fp16, the official precision
+  (--precision fp16 on a GPU), rounds 8 times finer.
 - Crops are resized bilinearly and blurred with a kernel of about 10% of the crop (common/augment.py); the
-  official code blurs with PIL's unbounded Gaussian.
-- LARS here neither decays nor adapts biases and norm parameters (solo-learn's, whose CIFAR recipe is the
-  default); the official ImageNet code wraps SGD in apex LARC (trust 0.001, no clipping), which adapts every
-  parameter. The prototypes' gradient is dropped for freeze_prototypes_epochs x steps_per_epoch steps
+  official code that published 72.7 % blurred with a 23-px kernel at every size (later PIL's radius).
+- LARS by default neither decays nor adapts biases and norm parameters; decay_bias_and_norm: true decays and
+  adapts every parameter, as solo-learn's SwAV run and the official apex LARC (trust 0.001, no clipping) did, and
+  as both configs set. The prototypes' gradient is dropped for freeze_prototypes_epochs x steps_per_epoch steps
   (official: freeze_prototypes_niters, 5005 = one epoch at batch 256).
 
 Run (batch_size is per rank; lr is per 256 images and scaled by the global batch):
