@@ -10,9 +10,10 @@ gradient. The online prediction of one view regresses the target projection of t
     L(v, v') = 2 - 2 * <q_theta(z_theta), z'_xi> / (||q_theta(z_theta)|| * ||z'_xi||),
     loss     = mean over the batch of L(v, v') + L(v', v)           (Eq. 2, and the paper's L + L~)
 
-so identical directions give 0 and opposite ones 2 x 4 = 8. Only theta is trained; after each optimizer
-step k of K the target follows it, xi <- m * xi + (1 - m) * theta (parameters only), with the EMA rate (the paper's
-tau; m here, tau being a temperature elsewhere) m = 1 - (1 - base_ema) * (cos(pi * k / K) + 1) / 2.
+so identical directions give 0 and opposite ones 2 x 4 = 8 (multiplied by loss_scale: 0.5 in configs/byol.yaml,
+solo-learn's mean of the two directions). Only theta is trained; after each optimizer
+step k of K the target follows it, xi <- m * xi + (1 - m) * theta (parameters only), with the EMA rate (the
+paper's tau; m here, tau being a temperature elsewhere) m = 1 - (1 - base_ema) * (cos(pi * k / K) + 1) / 2.
 
 The paper's Algorithm 1 in this file:
     q_theta(g_theta(f_theta(v)))          BYOL.forward, online network: p1, p2
@@ -68,6 +69,7 @@ class Config(PretrainConfig):
     proj_hidden_dim: int = 4096  # width of the projector's hidden layers
     proj_dim: int = 256  # width of z (and of the predictor's output)
     pred_hidden_dim: int = 4096  # width of the predictor q's hidden layer: Linear-BN-ReLU-Linear
+    loss_scale: float = 1.0  # the loss is multiplied by this (0.5: solo-learn's mean of the two directions)
     head_last_bias: bool = True  # a bias in the output Linear of g and q (the official code has none)
     base_ema: float = 0.99  # EMA rate m of the target at step 0; a cosine up to 1 at the last step
     # optimisation
@@ -294,7 +296,7 @@ def train(cfg):
             x2 = x2.to(device, non_blocking=True, memory_format=memory_format)
             with autocast(device, precision):
                 p1, p2, target_z1, target_z2 = ddp_model(x1, x2)
-            loss = byol_loss(p1, p2, target_z1, target_z2)
+            loss = cfg.loss_scale * byol_loss(p1, p2, target_z1, target_z2)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)  # the true gradient (fp16), for its norm

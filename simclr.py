@@ -64,6 +64,7 @@ class Config(PretrainConfig):
     proj_hidden_dim: int = 2048  # width of the projector's hidden layers
     proj_dim: int = 256  # width of z
     proj_bias: bool = True  # biases in g's Linear layers (the official code has none: a BN follows each)
+    proj_hidden_bn: bool = True  # BN after g's hidden layers (the official code's; solo-learn's CIFAR head has none)
     proj_last_bn: bool = False  # a BN on g's output that scales but does not shift, as in the official code
     temperature: float = 0.2  # tau of NT-Xent
     loss_scale: float = 1.0  # the loss is multiplied by this (2: the official sum over the two views' anchors)
@@ -110,7 +111,7 @@ class SimCLR(nn.Module):
         # f and g: the backbone and the projector
         self.backbone, width = build_backbone(**self.backbone_args, zero_init_residual=cfg.zero_init_residual)
         self.projector = mlp(width, cfg.proj_hidden_dim, cfg.proj_dim, layers=cfg.proj_layers, bias=cfg.proj_bias,
-                             last_bn="affine" if cfg.proj_last_bn else None)
+                             last_bn="affine" if cfg.proj_last_bn else None, hidden_bn=cfg.proj_hidden_bn)
         if cfg.proj_last_bn:  # TF's center=False: the official output BN has a scale but no offset
             self.projector[-1].bias.requires_grad_(False)
 

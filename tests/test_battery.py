@@ -500,7 +500,8 @@ def test_configs_parse(method):
     assert any(name.endswith("_imagenet.yaml") for name in names) and len(names) >= 2
     for name in names:
         cfg = load_config(module.Config, ["--config", str(REPO / "configs" / name)])
-        assert cfg.out_dir == f"runs/{name[:-len('.yaml')]}" and cfg.precision == "auto", name
+        assert cfg.out_dir == f"runs/{name[:-len('.yaml')]}", name
+        assert cfg.precision in ("auto", "fp32"), name  # runs on any device (dino_vit: fp32, as the official advises)
 
 
 # ---- (7) between log lines the host never waits for the device ----

@@ -1,9 +1,11 @@
 """The documentation a newcomer meets holds together: every link in README.md and docs/ reaches a file of the
 repository (and a heading, where it names one), nothing points outside the repository, every method has its page,
-and every message that names a troubleshooting entry names one that exists."""
+every message that names a troubleshooting entry names one that exists, and every value of every config has its
+source in docs/recipes.md."""
 import re
 
 import pytest
+import yaml
 
 from helpers import METHODS, REPO
 
@@ -58,3 +60,30 @@ def test_messages_name_troubleshooting_entries_that_exist():
         warning = source[source.index("def collapse_warning"):].split("\n\n\n")[0]
         assert "docs/troubleshooting.md#collapse-in-" in warning, script
     assert {"nan-or-inf", "a-lost-rank", "a-slow-cpu-run"} <= set(named)
+
+
+def recipe_sections():
+    """docs/recipes.md's section of each config: its name -> {key: value as the table gives it}."""
+    text = (REPO / "docs" / "recipes.md").read_text()
+    sections = {}
+    for part in re.split(r"(?m)^## configs/", text)[1:]:
+        name, _, body = part.partition(".yaml\n")
+        rows = re.findall(r"^\| (\w+) \| (.*?) \| .*\S.* \|$", body, flags=re.M)
+        sections[name] = {key: value for key, value in rows if key != "key"}
+    return sections
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("config", sorted(p.stem for p in (REPO / "configs").glob("*.yaml")))
+def test_every_config_value_is_sourced_in_docs_recipes(config):
+    """Every key of the config has its row in docs/recipes.md (value and source), with the config's value; the
+    config's header points at its section."""
+    path = REPO / "configs" / f"{config}.yaml"
+    values = yaml.safe_load(path.read_text())
+    rows = recipe_sections().get(config)
+    assert rows is not None, f"docs/recipes.md has no section configs/{config}.yaml"
+    assert set(values) - set(rows) == set(), f"keys of {config}.yaml without a source in docs/recipes.md"
+    for key, value in values.items():
+        assert yaml.safe_load(rows[key]) == value, f"{config}.yaml {key}: {value!r}, docs/recipes.md: {rows[key]!r}"
+    header = "".join(line for line in path.read_text().splitlines(keepends=True) if line.startswith("#"))
+    assert f"docs/recipes.md, section configs/{config}.yaml" in header
