@@ -130,6 +130,13 @@ def images_per_s(out_dir, global_batch, warmup_steps):
 def main():
     if sys.argv[1:2] == ["--one"]:  # a child run: --one METHOD MODE, then the script's own arguments
         return run_one(sys.argv[2], sys.argv[3], sys.argv[4:])
+    args = build_parser().parse_args()
+    if args.methods == ["all"]:
+        args.methods = list(METHODS)
+    return measure(args)
+
+
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", default=["simclr"], help="method scripts, or all")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
@@ -142,6 +149,7 @@ def main():
     parser.add_argument("--precision", default="auto", help="the scripts' own: auto is bf16 where the device "
                         "computes it natively, else fp32 on a CPU (fp16 on a GPU)")
     parser.add_argument("--num_workers", type=int, default=2)
+    parser.add_argument("--compile", default="false", choices=("false", "true"), help="torch.compile the model")
     parser.add_argument("--local_size", type=int, default=18, help="SwAV's and DINO's local crops (px)")
     parser.add_argument("--steps", type=int, default=12, help="steps timed per run, after the warm-up")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each method and mode; the best counts")
@@ -149,9 +157,10 @@ def main():
     parser.add_argument("--json", default="", help="also write the numbers to this file")
     parser.add_argument("--markdown", default="", help="also write the tables, the machine, the date and this "
                                                        "command to this file (e.g. docs/benchmarks.md)")
-    args = parser.parse_args()
-    if args.methods == ["all"]:
-        args.methods = list(METHODS)
+    return parser
+
+
+def measure(args):
 
     steps = args.steps + args.warmup_steps
     images = steps * args.batch_size if args.dataset != "synthetic" else min(1024, steps * args.batch_size)
@@ -168,6 +177,7 @@ def main():
                        "--image_size", str(args.image_size), "--cifar_stem", args.cifar_stem,
                        "--batch_size", str(args.batch_size), "--precision", args.precision,
                        "--num_workers", str(args.num_workers), "--views", views, "--epochs", str(epochs),
+                       "--compile", args.compile,
                        "--subset", str(images), "--log_every", "1",
                        "--warmup_epochs", "0", "--checkpoint_every_minutes", "0", "--out_dir", out_dir]
             if method in MULTI_CROP:
@@ -194,7 +204,8 @@ def main():
     memory = "max allocated on the GPU" if torch.cuda.is_available() else "peak RSS of the training process"
     lines = [f"{args.arch} at {args.image_size} px (SwAV, DINO: 2 global and 6 local crops of {args.local_size} px), "
              f"batch {args.batch_size}, {precision}, {args.dataset}, "
-             f"{args.num_workers} loader workers; {where}; best of {args.repeats}", "",
+             + ("torch.compile, " if args.compile == "true" else "")
+             + f"{args.num_workers} loader workers; {where}; best of {args.repeats}", "",
              "| method | " + " | ".join(f"{m} (images/s)" for m in args.modes)
              + f" | batched / model | workers / model | memory (MB, {memory}; batched, else workers, else model) |",
              "|---|" + "---|" * (len(args.modes) + 3)]

@@ -1,10 +1,12 @@
 """tools/plot_metrics.py: one PNG of a real run's curves; resumed logs, several runs, and its errors.
-bench/throughput.py: a tiny run writes its tables (a benchmark, so nothing here asserts a speed)."""
+bench/throughput.py: a tiny run writes its tables (a benchmark, so nothing here asserts a speed).
+bench/gpu_check.py: its dry run prints and parses every command; without a GPU it stops in one line."""
 import json
+from types import SimpleNamespace
 
 import pytest
 
-from helpers import assert_ok, assert_one_line_error, run_script
+from helpers import REPO, assert_ok, assert_one_line_error, run_script
 from tools.plot_metrics import panel_order, read_metrics
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -57,3 +59,43 @@ def test_the_benchmark_writes_its_tables(tmp_path):
     text = (tmp_path / "b.md").read_text()
     assert "python bench/throughput.py --methods simclr" in text and "| simclr | " in text and "peak RSS" in text
     assert "<!-- throughput (synthetic): written by bench/throughput.py -->" in text  # one section a data set
+
+
+# ---- bench/gpu_check.py: its dry run, so that the GPU's first minutes measure instead of debugging ----
+@pytest.mark.quick
+def test_gpu_check_dry_run_prints_and_parses_every_command():
+    """Every check's command is printed and its settings parsed (a method script's Config, or bench/throughput.py's
+    arguments): every method script trains (ResNet-50; MoCo v3 and DINO with a ViT-S/16 too), SimCLR and DINO in
+    fp16, the host-sync check, the SIGTERM-and-resume check, and the speed measurements, the JPEG folder's with
+    --data."""
+    result = run_script(["bench/gpu_check.py", "--dry-run", "--data", "/tmp/cifar10-jpeg"])
+    assert_ok(result)
+    lines = result.stdout.splitlines()
+    runs = [line for line in lines if line.startswith("[train]")]
+    for method in ("simclr", "moco", "simsiam", "byol", "barlow", "swav", "dino", "nnclr", "relic", "supcon"):
+        assert any(f" {method}.py --config" in line for line in runs), method
+    assert any("moco_v3_vit_imagenet" in line for line in runs) and any("dino_imagenet" in line for line in runs)
+    kinds = {line.split("]")[0][1:] for line in lines if line.startswith("[")}
+    assert kinds == {"train", "fp16", "sync", "resume", "speed"}
+    assert [line.split()[1] for line in lines if line.startswith("[fp16]")] == ["simclr:", "dino_vit:"]
+    assert any("--compile true" in line for line in lines) and any("--dataset folder" in line for line in lines)
+    assert lines[-1] == "21 checks; every method run's settings parse"
+
+
+def test_gpu_check_dry_run_stops_on_a_setting_that_no_longer_parses(monkeypatch):
+    """The dry run is what keeps the check from rotting: a key a script no longer has stops it, naming the key."""
+    import sys
+    sys.path.insert(0, str(REPO / "bench"))
+    import gpu_check
+    from common.config import ConfigError
+    monkeypatch.setattr(gpu_check, "RUNS", [(n, s, c, [*o, "--no_such_key", "1"]) for n, s, c, o in gpu_check.RUNS])
+    check = next(c for c in gpu_check.plan(SimpleNamespace(data=""), "/tmp/out") if c.name == "dino_r50")
+    with pytest.raises(ConfigError, match="unknown config key 'no_such_key'"):
+        gpu_check.parse_settings(check)
+
+
+@pytest.mark.quick
+def test_gpu_check_needs_a_gpu_and_a_positive_budget():
+    assert_one_line_error(run_script(["bench/gpu_check.py"]), "needs a CUDA GPU and none is visible")
+    assert_one_line_error(run_script(["bench/gpu_check.py", "--minutes", "0", "--dry-run"]),
+                          "--minutes must be positive")
