@@ -3,8 +3,9 @@ kills, corrupt files and full disks; resume: auto; stop signals; a dead or hung 
 
 In process (fast): the Checkpointer (common/checkpoints.py) and StepMetrics (common/step_metrics.py) on a tiny
 model. As a user would (subprocesses): SIGTERM, a second signal, the stop deadline, SIGKILL in the middle of a
-checkpoint write, and under torchrun a signal to one rank, a killed rank and a hung one. The battery
-(test_battery.py) resumes every method from mid-epoch checkpoints with 0 and 2 data workers."""
+checkpoint write, and under torchrun a signal to one rank, a killed rank and a hung one; torchrun's rendezvous
+form for several nodes, and the SLURM script's re-queue of a pre-empted job. The battery (test_battery.py)
+resumes every method from mid-epoch checkpoints with 0 and 2 data workers."""
 import contextlib
 import errno
 import json
@@ -493,3 +494,54 @@ def test_torchrun_a_hung_rank_stops_the_job_within_dist_timeout(tmp_path):
     result = finish(proc)
     assert "error: rank 0 lost contact with the other processes of this job" in result.stderr, result.stderr[-3000:]
     assert f"exitcode: {EXIT_LOST_RANK}" in result.stderr and waited < 5 + 20
+
+
+# ---- several nodes: torchrun's rendezvous, and the SLURM script's re-queue ----
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_the_rendezvous_form_of_torchrun_trains(tmp_path):
+    """The multi-node command of README (--rdzv-backend=c10d, one endpoint for every node), on one machine with
+    --nnodes=1: the ranks meet at the rendezvous and train; run again, the job resumes from its checkpoint."""
+    run = tmp_path / "run"
+    command = ["-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--rdzv-backend=c10d",
+               f"--rdzv-endpoint=localhost:{_free_port()}", "--rdzv-id=readme", "tests/nccl_rules.py",
+               *quick_args("simclr", run, epochs=1)]
+    assert_ok(run_script(command))
+    assert (run / "last.pt").exists() and torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
+    command[command.index("--epochs") + 1] = "2"  # a longer schedule on the same rendezvous form: resumed
+    command = [c if not c.startswith("--rdzv-endpoint") else f"--rdzv-endpoint=localhost:{_free_port()}"
+               for c in command]
+    again = run_script([*command, "--resume", "true"])
+    assert_ok(again)
+    assert "resuming from" in again.stdout and torch.load(run / "last.pt", weights_only=True)["epoch"] == 2
+
+
+@pytest.mark.parametrize("exit_status, requeued", [(EXIT_PREEMPTED, True), (1, False)])
+def test_the_slurm_script_requeues_a_preempted_job_only(tmp_path, exit_status, requeued):
+    """scripts/slurm_multinode.sbatch with srun and scontrol stood in for (one node, two ranks on this CPU): a
+    rank that exits with 75 (pre-empted after its checkpoint) has the job queued again, though torchrun itself
+    exits 1; any other failure does not, so a broken job is not re-queued forever."""
+    bin_dir, work = tmp_path / "bin", tmp_path / "work"
+    bin_dir.mkdir()
+    work.mkdir()
+    (bin_dir / "srun").write_text('#!/bin/bash\nexec "$@"\n')
+    (bin_dir / "scontrol").write_text('#!/bin/bash\n[ "$1" = show ] && echo localhost\n'
+                                      f'[ "$1" = requeue ] && echo "$2" > {tmp_path}/requeued\nexit 0\n')
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+    method = tmp_path / "fake"  # the script runs "$method.py"
+    method.with_suffix(".py").write_text(f"import sys\nsys.exit({exit_status})\n")
+    env = dict(_env(), SLURM_JOB_ID="42", SLURM_NNODES="1", SLURM_GPUS_PER_NODE="gpu:2",
+               SLURM_JOB_NODELIST="localhost",  # and this environment's torchrun on the PATH
+               PATH=f"{bin_dir}:{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
+    done = subprocess.run(["bash", str(REPO / "scripts" / "slurm_multinode.sbatch"), str(method),
+                           "configs/simclr.yaml"], cwd=work, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and (tmp_path / "requeued").exists() == requeued, done.stdout[-2000:]
+    if requeued:
+        assert (tmp_path / "requeued").read_text().strip() == "42"
+    assert (work / "runs" / "simclr.slurm-42.0.log").exists()
