@@ -409,7 +409,7 @@ def train(cfg):
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     # ---- resume and run folder ----
-    log, metrics = MetricLog(cfg.out_dir, is_main), StepMetrics(cfg.out_dir, precision, cfg.skip_nonfinite)
+    log, metrics = MetricLog(cfg.out_dir, is_main, cfg.logger), StepMetrics(cfg.out_dir, precision, cfg.skip_nonfinite)
     checkpointer = Checkpointer(cfg, schedule, model, optimizer, scaler, metrics, device, rank, world_size)
     step = checkpointer.resume()  # from the newest intact checkpoint in out_dir (see cfg.resume); 0: a new run
     write_run_config(cfg, is_main, precision=precision, precision_reason=why, **schedule)

@@ -65,6 +65,7 @@ class PretrainConfig:
     skip_nonfinite: int = 0  # steps with a non-finite loss or gradient to skip (0: stop at the first)
     # logging and the kNN monitor
     log_every: int = 10  # steps between lines of metrics.jsonl
+    logger: str = "none"  # also send every logged value to: none | tensorboard (out_dir/tensorboard) | wandb
     knn_every: int = 0  # epochs between online kNN checks on the labelled train/val splits (0 = off)
     knn_k: int = 200  # neighbours of the kNN monitor
     knn_temperature: float = 0.07  # vote temperature of the kNN monitor

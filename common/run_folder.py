@@ -2,6 +2,8 @@
 (MetricLog; trimmed back to the checkpoint on resume), and the checkpoint files it holds."""
 import dataclasses
 import errno
+import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -18,7 +20,7 @@ RESUME_MODES = ("auto", "true", "false")
 # where they differ (a re-queued job on another node, with more data workers, a new data path, ...)
 RUN_ONLY_KEYS = ("resume", "out_dir", "data_dir", "download", "num_workers", "compile", "log_every", "knn_every",
                  "checkpoint_every_steps", "checkpoint_every_minutes", "keep_checkpoints", "snapshot_every",
-                 "stop_timeout", "dist_timeout", "bad_images", "skip_nonfinite")
+                 "stop_timeout", "dist_timeout", "bad_images", "skip_nonfinite", "logger")
 
 
 def check_run(cfg):
@@ -37,6 +39,7 @@ def check_run(cfg):
             raise UsageError(f"{key} must be a positive number of seconds, got {getattr(cfg, key)}")
     if cfg.resume not in RESUME_MODES:
         raise UsageError(f"resume must be auto, true or false, got {cfg.resume!r}")
+    check_logger(cfg.logger)
     found = checkpoint_files(cfg.out_dir)
     if cfg.resume == "true" and not found:
         raise UsageError(f"--resume true: {cfg.out_dir} holds no checkpoint; start a new run with --resume auto")
@@ -125,11 +128,26 @@ def write_json(obj, path):
     os.replace(tmp, path)
 
 
-class MetricLog:
-    """Appends one JSON object per call to out_dir/metrics.jsonl (main rank only)."""
+LOGGERS = {"none": None, "tensorboard": "tensorboard", "wandb": "wandb"}  # --logger: the package each needs
 
-    def __init__(self, out_dir, is_main):
+
+def check_logger(logger):
+    """A known logger whose package is installed (it is imported only when asked for)."""
+    if logger not in LOGGERS:
+        raise UsageError(f"logger must be one of {', '.join(LOGGERS)}, got {logger!r}")
+    package = LOGGERS[logger]
+    if package and importlib.util.find_spec(package) is None:
+        raise UsageError(f"--logger {logger} needs the {package} package: pip install {package} (or --logger none)")
+
+
+class MetricLog:
+    """Appends one JSON object per call to out_dir/metrics.jsonl (main rank only), the run's record; with logger
+    tensorboard (event files in out_dir/tensorboard) or wandb (offline with WANDB_MODE=offline; one wandb run
+    per run folder, continued on resume) it also sends every numeric value there, at its step."""
+
+    def __init__(self, out_dir, is_main, logger="none"):
         self.path = os.path.join(out_dir, "metrics.jsonl") if is_main else None
+        self.logger, self.sink = logger if is_main else "none", None
 
     def write(self, **metrics):
         if self.path:
@@ -140,10 +158,35 @@ class MetricLog:
                 raise SystemExit(f"error: could not write {self.path} ({e.strerror or e}); the checkpoints "
                                  "already written are intact. Free space (or fix the folder), then run again to "
                                  "resume.") from None
+        values = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                  and k not in ("step", "epoch", "time")}
+        if self.logger != "none" and values and "step" in metrics:
+            self._send(values, metrics["step"])
+
+    def _send(self, values, step):
+        folder = os.path.dirname(self.path)
+        if self.logger == "tensorboard":
+            if self.sink is None:  # opened at the first value: a refused start leaves the run folder as it was
+                from torch.utils.tensorboard import SummaryWriter
+                self.sink = SummaryWriter(os.path.join(folder, "tensorboard"))
+            for name, value in values.items():
+                self.sink.add_scalar(name, value, step)
+            self.sink.flush()  # every log_every steps: a killed run keeps what it logged
+        else:
+            import wandb
+            if self.sink is None:
+                config_path = os.path.join(folder, "config.json")
+                config = json.load(open(config_path)) if os.path.exists(config_path) else {}
+                run_id = hashlib.sha1(os.path.abspath(folder).encode()).hexdigest()[:16]  # the same on resume
+                self.sink = wandb.init(project=os.environ.get("WANDB_PROJECT", "ssl"), dir=folder, id=run_id,
+                                       name=os.path.basename(os.path.abspath(folder)), resume="allow", config=config)
+            self.sink.log(values, step=step)
 
 
     def report_paths(self):
         """At the end of a run (main rank): where its checkpoints and metrics are, and the command to plot them."""
+        if self.sink is not None:  # the logger's files complete
+            self.sink.close() if self.logger == "tensorboard" else self.sink.finish()
         if self.path:
             folder = os.path.dirname(self.path)
             print(f"done: checkpoints in {folder} (last.pt is the newest), metrics in {self.path}; plot them with "

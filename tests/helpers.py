@@ -88,3 +88,4 @@ class RunConfig:
     dist_timeout: float = 60.0
     skip_nonfinite: int = 0
     bad_images: str = "stop"
+    logger: str = "none"

@@ -1,7 +1,9 @@
 """common/: config parsing, backbones, datasets, views and the kNN classifier."""
 import dataclasses
+import json
 import importlib
 import re
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -12,8 +14,8 @@ import torchvision.models as tvm
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from battery import run_ranks
-from helpers import METHODS, REPO, RunConfig, assert_one_line_error, fake_cpu, run_script
+from battery import quick_args, run_ranks
+from helpers import METHODS, REPO, RunConfig, assert_ok, assert_one_line_error, fake_cpu, run_script
 
 from common import MIN_TORCH, MIN_TORCHVISION
 from common.augment import eval_transform, multi_crop, two_views
@@ -520,3 +522,59 @@ def test_knn_monitor_checks_its_splits_when_it_is_made(tmp_path):
         KnnMonitor(cfg, 0, 1, torch.device("cpu"), "fp32")
     off = SimpleNamespace(**{**vars(cfg), "knn_every": 0})
     assert KnnMonitor(off, 0, 1, torch.device("cpu"), "fp32").splits is None  # off: nothing built
+
+
+# ---- logging sinks: metrics.jsonl stays the record; --logger also sends every value ----
+def test_logger_tensorboard_gets_every_logged_value_at_its_step(tmp_path):
+    """A SimCLR run with --logger tensorboard: out_dir/tensorboard's event files hold every numeric value of
+    metrics.jsonl at its step (the per-step lines and the epoch's)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    assert_ok(run_script(quick_args("simclr", run, "--logger", "tensorboard", "--log_every", "2", epochs=1)))
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    logged = [line for line in map(json.loads, open(run / "metrics.jsonl")) if "step" in line and "event" not in line]
+    for name in ("train/loss", "train/lr", "train/epoch_loss"):
+        expected = [(line["step"], line[name]) for line in logged if name in line]
+        got = [(e.step, e.value) for e in events.Scalars(name)]
+        assert expected and [s for s, _ in got] == [s for s, _ in expected], name
+        assert [v for _, v in got] == pytest.approx([v for _, v in expected], rel=1e-6), name
+
+
+def test_logger_wandb_is_one_run_per_run_folder(tmp_path, monkeypatch):
+    """--logger wandb (a stand-in module: the real one runs offline with WANDB_MODE=offline): one wandb run per run
+    folder, the same id when it resumes, the run's config.json as its config, every numeric value at its step."""
+    import types
+
+    from common.run_folder import MetricLog
+    calls = []
+
+    class Run:
+        def log(self, values, step):
+            calls.append(("log", values, step))
+
+        def finish(self):
+            calls.append(("finish",))
+    fake = types.SimpleNamespace(init=lambda **kw: calls.append(("init", kw)) or Run())
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    (tmp_path / "config.json").write_text(json.dumps({"lr": 0.4}))
+    for _ in range(2):  # a run, then its resume
+        log = MetricLog(str(tmp_path), is_main=True, logger="wandb")
+        log.write(step=10, epoch=1, **{"train/loss": 1.5, "train/lr": 0.1, "note": "text"})
+        log.report_paths()
+    inits = [c[1] for c in calls if c[0] == "init"]
+    assert len(inits) == 2 and inits[0]["id"] == inits[1]["id"] and inits[0]["resume"] == "allow"
+    assert inits[0]["dir"] == str(tmp_path) and inits[0]["config"] == {"lr": 0.4}
+    assert [c for c in calls if c[0] == "log"][0] == ("log", {"train/loss": 1.5, "train/lr": 0.1}, 10)
+    assert MetricLog(str(tmp_path), is_main=False, logger="wandb").logger == "none"  # the main rank only
+
+
+@pytest.mark.quick
+def test_logger_errors_are_one_line(tmp_path, monkeypatch):
+    from common.run_folder import check_logger
+    assert_one_line_error(run_script(quick_args("simclr", tmp_path / "a", "--logger", "mlflow", epochs=1)),
+                          "logger must be one of none, tensorboard, wandb, got 'mlflow'")
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)  # as where the package is missing
+    with pytest.raises(UsageError, match="--logger wandb needs the wandb package: pip install wandb"):
+        check_logger("wandb")
