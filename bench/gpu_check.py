@@ -5,10 +5,10 @@
     python bench/gpu_check.py --dry-run                  # anywhere: every command, and each one's settings parsed
 
 In order (the essential checks first; a check that would start past the budget is recorded as not run):
-  1. train     every method script under torchrun --nproc_per_node=1 (NCCL, SyncBatchNorm, DDP, the GPU path of
-               every gather) for a few dozen steps on in-memory synthetic images: ResNet-50 at 224 px, batch 64,
-               precision auto (bf16 on A100 / H100), MoCo v3 and DINO also with a ViT-S/16; each must end with a
-               finite loss.
+  1. train     every method script under torchrun --nproc_per_node=--gpus (default 1: NCCL's set-up and every CUDA
+               path of a script; SyncBatchNorm, DDP and the NCCL gathers across ranks need --gpus 2 or more) for a
+               few dozen steps on in-memory synthetic images: ResNet-50 at 224 px, batch 64 a GPU, precision auto
+               (bf16 on A100 / H100), MoCo v3 and DINO also with a ViT-S/16; each must end with a finite loss.
   2. fp16      SimCLR and DINO (ViT-S/16) again in fp16 with the GradScaler.
   3. sync      no host sync between log lines in bf16: a run in this process with torch.cuda.set_sync_debug_mode
                ("error") on between its log lines, for SimCLR, SwAV and MoCo v2.
@@ -18,7 +18,9 @@ In order (the essential checks first; a check that would start past the budget i
                views) against end to end with views made a batch at a time on the GPU, and peak GPU memory
                (bench/throughput.py), SimCLR's also with --compile; with --data (a JPEG CIFAR-10 ImageFolder),
                views decoded on the GPU (nvJPEG, batched) against per-image views in loader workers.
-Each check may take twice its share of the time left; one that cannot start with 20 s is recorded as not run.
+Each check may take twice its share of the time left (a check past it is stopped with its processes); one that
+cannot start with 20 s is recorded as not run. --json is rewritten after every check, so a stopped run keeps what
+it measured.
 Writes --json (docs/gpu_check.json) and a section of --markdown (docs/benchmarks.md) with the machine, torch,
 CUDA and every figure, and prints a one-screen summary. Without a GPU it says so in one line (--dry-run works
 anywhere: the suite runs it, so the commands cannot rot)."""
@@ -42,7 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from docs_section import write_section  # noqa: E402 (bench/docs_section.py)
 
-BATCH, STEPS = 64, 30  # a few dozen steps of batch 64 on one GPU
+BATCH, EPOCHS = 64, 2  # synthetic data: 1024 images, 16 steps of 64 an epoch
 R50 = ["--arch", "resnet50", "--image_size", "224", "--cifar_stem", "false"]
 # (name, script, config, overrides): every method with a ResNet-50, MoCo v3 and DINO also with a ViT-S/16
 RUNS = [
@@ -74,10 +76,10 @@ class Check:
     share: float = 1.0  # its part of the time budget, relative to the others
 
 
-def run_settings(script, config, overrides, out_dir, precision="auto", steps=STEPS):
+def run_settings(script, config, overrides, out_dir, precision="auto", epochs=EPOCHS):
     """The arguments of a short run of `script`: its config, synthetic images in memory, a few dozen steps."""
     settings = ["--config", f"configs/{config}.yaml", *overrides, "--dataset", "synthetic", "--data_dir", "",
-                "--subset", str(BATCH * steps), "--epochs", "1", "--warmup_epochs", "0", "--batch_size", str(BATCH),
+                "--epochs", str(epochs), "--warmup_epochs", "0", "--batch_size", str(BATCH),
                 "--num_workers", "4", "--knn_every", "0", "--log_every", "5", "--checkpoint_every_minutes", "0",
                 "--precision", precision, "--out_dir", out_dir]
     if script == "swav":
@@ -90,7 +92,7 @@ def run_settings(script, config, overrides, out_dir, precision="auto", steps=STE
 def plan(args, out):
     """Every check, in the order it runs."""
     checks = []
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.gpus}"]
     for name, script, config, overrides in RUNS:
         settings = run_settings(script, config, overrides, os.path.join(out, "train", name))
         checks.append(Check("train", name, torchrun + [f"{script}.py", *settings], script, settings))
@@ -103,11 +105,11 @@ def plan(args, out):
             settings = run_settings(script, config, overrides, os.path.join(out, "sync", name))
             checks.append(Check("sync", name, [sys.executable, os.path.abspath(__file__), "--sync", script, *settings],
                                 script, settings))
-    settings = run_settings("simclr", "simclr_imagenet", [], os.path.join(out, "resume", "simclr"), steps=60)
+    settings = run_settings("simclr", "simclr_imagenet", [], os.path.join(out, "resume", "simclr"), epochs=4)
     settings[settings.index("--log_every") + 1] = "1"
     checks.append(Check("resume", "simclr", [sys.executable, "simclr.py", *settings], "simclr", settings, share=1.5))
     speed = [sys.executable, "bench/throughput.py", "--batch_size", str(BATCH), "--steps", "10", "--warmup_steps",
-             "3", "--repeats", "1", "--num_workers", "8"]
+             "3", "--repeats", "1", "--num_workers", "8", "--no-view-rates"]
     r50 = [*R50, "--local_size", "96"]
     checks.append(Check("speed", "synthetic", speed + ["--methods", *SPEED, *r50, "--modes", "model", "batched",
                                                       "--json", os.path.join(out, "speed.json")], share=3.0))
@@ -145,14 +147,15 @@ def sync_check(script, settings):
 
     def allowed(method):
         def wrapped(*a, **k):
+            mode = torch.cuda.get_sync_debug_mode()
             torch.cuda.set_sync_debug_mode("default")
             try:
                 return method(*a, **k)
             finally:
-                torch.cuda.set_sync_debug_mode("error")
+                torch.cuda.set_sync_debug_mode(mode)
         return wrapped
     StepMetrics.read, StepMetrics.read_epoch = allowed(StepMetrics.read), allowed(StepMetrics.read_epoch)
-    Checkpointer.save, Checkpointer.resume = allowed(Checkpointer.save), allowed(Checkpointer.resume)
+    Checkpointer.save = allowed(Checkpointer.save)
     real_loader = module.pretrain_loader
 
     def loader(*a):  # the first batch (cuDNN's benchmark, the allocator's warm-up) may wait; then none may
@@ -181,22 +184,39 @@ def last_loss(out_dir):
     return losses[-1] if losses else math.nan
 
 
-def resume_check(check, timeout):
-    """SIGTERM once the run has logged 10 steps: it must checkpoint and exit with 75; the same command resumes."""
-    out_dir = check.settings[check.settings.index("--out_dir") + 1]
-    tic = time.time()
-    first = subprocess.Popen(check.command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = os.path.join(out_dir, "metrics.jsonl")
-    while first.poll() is None and time.time() - tic < timeout / 2:
-        if os.path.exists(metrics) and sum(1 for line in open(metrics) if '"train/loss"' in line) >= 10:
-            first.send_signal(signal.SIGTERM)
+def run(command, timeout, signal_when=None):
+    """Run `command` in its own process group; stop the whole group (torchrun's workers, a benchmark's children) when
+    `timeout` passes. signal_when(): polled every 0.2 s, SIGTERM to the command once it returns True. Returns
+    (exit status, stdout, stderr); raises subprocess.TimeoutExpired after stopping the group."""
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    deadline = time.time() + timeout
+    while signal_when and process.poll() is None and time.time() < deadline:
+        if signal_when():
+            process.send_signal(signal.SIGTERM)
             break
-        time.sleep(0.5)
-    _, err = first.communicate(timeout=timeout)
-    if first.returncode != 75:
-        return {"ok": False, "detail": f"first run exited with {first.returncode}, not 75: {err[-300:]}"}
-    second = subprocess.run(check.command, cwd=REPO, capture_output=True, text=True,
-                            timeout=max(1, timeout - (time.time() - tic)))
+        time.sleep(0.2)
+    try:
+        out, err = process.communicate(timeout=max(1, deadline - time.time()))
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    return process.returncode, out, err
+
+
+def resume_check(check, timeout):
+    """SIGTERM in the first epoch, once the run has logged 3 steps: it must checkpoint and exit with 75; the same
+    command then resumes and finishes."""
+    out_dir = check.settings[check.settings.index("--out_dir") + 1]
+    metrics, tic = os.path.join(out_dir, "metrics.jsonl"), time.time()
+
+    def logged_3_steps():
+        return os.path.exists(metrics) and sum(1 for line in open(metrics) if '"train/loss"' in line) >= 3
+    status, _, err = run(check.command, timeout / 2, signal_when=logged_3_steps)
+    if status != 75:
+        return {"ok": False, "detail": f"first run exited with {status}, not 75: {err[-300:]}"}
+    second = subprocess.CompletedProcess(check.command, *run(check.command, timeout - (time.time() - tic)))
     ok = second.returncode == 0 and "resuming from" in second.stdout and math.isfinite(last_loss(out_dir))
     return {"ok": ok, "detail": "checkpointed on SIGTERM (75), resumed and finished" if ok else
             f"resume exited with {second.returncode}: {second.stderr[-300:]}"}
@@ -205,7 +225,7 @@ def resume_check(check, timeout):
 def run_check(check, timeout):
     if check.kind == "resume":
         return resume_check(check, timeout)
-    done = subprocess.run(check.command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    done = subprocess.CompletedProcess(check.command, *run(check.command, timeout))
     if done.returncode != 0:
         return {"ok": False, "detail": f"exited with {done.returncode}: {done.stderr.strip()[-300:]}"}
     if check.kind == "speed":
@@ -226,6 +246,8 @@ def main():
         return sync_check(sys.argv[2], sys.argv[3:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=8.0, help="the time budget of the whole check")
+    parser.add_argument("--gpus", type=int, default=1, help="ranks of the train checks (2 or more: SyncBatchNorm, "
+                                                          "DDP and the NCCL gathers across ranks)")
     parser.add_argument("--data", default="", help="a JPEG CIFAR-10 ImageFolder tree (train/, val/) for the views' "
                                                    "speed from files")
     parser.add_argument("--out", default="", help="the runs' folder (default: a temporary one)")
@@ -233,8 +255,8 @@ def main():
     parser.add_argument("--markdown", default="docs/benchmarks.md")
     parser.add_argument("--dry-run", action="store_true", help="print every command and parse its settings")
     args = parser.parse_args()
-    if args.minutes <= 0:
-        raise SystemExit(f"error: --minutes must be positive, got {args.minutes:g}")
+    if args.minutes <= 0 or args.gpus < 1:
+        raise SystemExit(f"error: --minutes and --gpus must be positive, got {args.minutes:g} and {args.gpus}")
     out = args.out or tempfile.mkdtemp(prefix="gpu_check_")
     checks = plan(args, out)
     if args.dry_run:
@@ -247,8 +269,12 @@ def main():
     if not torch.cuda.is_available():
         raise SystemExit("error: bench/gpu_check.py needs a CUDA GPU and none is visible; python bench/gpu_check.py "
                          "--dry-run prints and checks its commands anywhere")
+    from machine import machine  # bench/machine.py
     budget, start = 60 * args.minutes, time.time()
     results = []
+    report = {"date": str(datetime.date.today()), "machine": machine(), "gpu": torch.cuda.get_device_name(0),
+              "gpus": args.gpus, "torch": torch.__version__, "cuda": torch.version.cuda, "minutes": args.minutes,
+              "seconds": 0, "results": results}
     for i, check in enumerate(checks):  # each may take twice its share of what is left, so the whole stays within
         left = budget - (time.time() - start)
         timeout = min(left, 2 * left * check.share / sum(c.share for c in checks[i:]))
@@ -261,12 +287,9 @@ def main():
             result = {"ok": False, "detail": f"stopped after {timeout:.0f} s"}
         results.append({"kind": check.kind, "name": check.name, **result})
         print(f"[{check.kind}] {check.name}: {'ok' if result['ok'] else 'FAILED'} ({result['detail']})", flush=True)
-    from machine import machine  # bench/machine.py
-    report = {"date": str(datetime.date.today()), "machine": machine(), "gpu": torch.cuda.get_device_name(0),
-              "torch": torch.__version__, "cuda": torch.version.cuda, "minutes": args.minutes,
-              "seconds": round(time.time() - start), "results": results}
-    with open(os.path.join(REPO, args.json), "w") as f:
-        json.dump(report, f, indent=2)
+        report["seconds"] = round(time.time() - start)
+        with open(os.path.join(REPO, args.json), "w") as f:  # after every check: a stopped run keeps its results
+            json.dump(report, f, indent=2)
     lines = [f"Measured {report['date']} by `python bench/gpu_check.py {' '.join(sys.argv[1:])}` on "
              f"{report['gpu']} ({report['machine']}), torch {report['torch']}, CUDA {report['cuda']}: "
              f"{report['seconds']} s.", "", "| check | run | result |", "|---|---|---|"]

@@ -150,6 +150,8 @@ def build_parser():
                         "computes it natively, else fp32 on a CPU (fp16 on a GPU)")
     parser.add_argument("--num_workers", type=int, default=2)
     parser.add_argument("--compile", default="false", choices=("false", "true"), help="torch.compile the model")
+    parser.add_argument("--no-view-rates", dest="view_rates", action="store_false",
+                        help="leave out the views one CPU thread makes per second (CPU work only)")
     parser.add_argument("--local_size", type=int, default=18, help="SwAV's and DINO's local crops (px)")
     parser.add_argument("--steps", type=int, default=12, help="steps timed per run, after the warm-up")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each method and mode; the best counts")
@@ -215,7 +217,7 @@ def measure(args):
         peak = next((str(row[f"{m}_peak_mb"]) for m in ("batched", "workers", "model") if f"{m}_peak_mb" in row), "-")
         lines.append(f"| {row['method']} | " + " | ".join(str(row[m]) for m in args.modes) + " | "
                      + " | ".join(shares) + f" | {peak} |")
-    views = view_rates(args.dataset, args.data_dir, args.image_size, args.local_size)
+    views = view_rates(args.dataset, args.data_dir, args.image_size, args.local_size) if args.view_rates else []
     lines += ["", f"Views made by one thread, {args.image_size}-px images of {args.dataset}:", "",
               "| views | per image (views/s) | a batch at a time (views/s) |", "|---|---|---|"]
     lines += [f"| {name} | {per_image} | {at_once} |" for name, per_image, at_once in views]

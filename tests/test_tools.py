@@ -89,7 +89,7 @@ def test_gpu_check_dry_run_stops_on_a_setting_that_no_longer_parses(monkeypatch)
     import gpu_check
     from common.config import ConfigError
     monkeypatch.setattr(gpu_check, "RUNS", [(n, s, c, [*o, "--no_such_key", "1"]) for n, s, c, o in gpu_check.RUNS])
-    check = next(c for c in gpu_check.plan(SimpleNamespace(data=""), "/tmp/out") if c.name == "dino_r50")
+    check = next(c for c in gpu_check.plan(SimpleNamespace(data="", gpus=1), "/tmp/out") if c.name == "dino_r50")
     with pytest.raises(ConfigError, match="unknown config key 'no_such_key'"):
         gpu_check.parse_settings(check)
 
@@ -98,4 +98,82 @@ def test_gpu_check_dry_run_stops_on_a_setting_that_no_longer_parses(monkeypatch)
 def test_gpu_check_needs_a_gpu_and_a_positive_budget():
     assert_one_line_error(run_script(["bench/gpu_check.py"]), "needs a CUDA GPU and none is visible")
     assert_one_line_error(run_script(["bench/gpu_check.py", "--minutes", "0", "--dry-run"]),
-                          "--minutes must be positive")
+                          "--minutes and --gpus must be positive")
+
+
+# ---- tools/export.py: the trunk for torchvision, timm and detectron2 ----
+def _checkpoint(path, arch, image_size, patch_size=16):
+    """A checkpoint of these scripts' format holding a freshly built trunk (the ImageNet stem at 224 px)."""
+    import torch
+
+    from common.backbones import backbone_args, build_backbone
+    torch.manual_seed(0)
+    args = backbone_args(arch, image_size, "false", patch_size)
+    trunk, _ = build_backbone(**args)
+    torch.save({"backbone": trunk.state_dict(), "backbone_args": args, "method": "SimCLR"}, path)
+    return trunk.eval()
+
+
+def test_export_torchvision_loads_into_torchvisions_model(trained, tmp_path):
+    """The battery's SimCLR run (ResNet-18, CIFAR stem): the export loads strict into torchvision's resnet18 with
+    fc removed and the CIFAR stem applied, and computes what the trunk computes."""
+    import torch
+    import torch.nn as nn
+    import torchvision
+
+    from common.backbones import apply_cifar_stem
+    from common.checkpoints import load_backbone
+    ckpt = tmp_path / "last.pt"
+    ckpt.write_bytes((trained["simclr"] / "last.pt").read_bytes())
+    assert_ok(run_script(["tools/export.py", ckpt]))
+    net = torchvision.models.resnet18()
+    net.fc = nn.Identity()
+    apply_cifar_stem(net)
+    net.load_state_dict(torch.load(tmp_path / "last_torchvision.pt", weights_only=True), strict=True)
+    trunk = load_backbone(str(ckpt))[0].eval()
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(net.eval()(x), trunk(x))
+
+
+@pytest.mark.parametrize("arch, timm_name", [("resnet18", "resnet18"), ("vit_small", "vit_small_patch16_224")])
+def test_export_timm_loads_into_timms_model(tmp_path, arch, timm_name):
+    """timm's names for the same architecture: the export loads strict into timm.create_model(name,
+    num_classes=0) and gives the trunk's features."""
+    import timm
+    import torch
+    trunk = _checkpoint(tmp_path / "last.pt", arch, 224)
+    assert_ok(run_script(["tools/export.py", tmp_path / "last.pt", "--format", "timm"]))
+    model = timm.create_model(timm_name, pretrained=False, num_classes=0).eval()
+    model.load_state_dict(torch.load(tmp_path / "last_timm.pt", weights_only=True), strict=True)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), trunk(x), atol=1e-4, rtol=1e-4)
+
+
+def test_export_detectron2_renames_as_mocos_conversion(tmp_path):
+    """detectron2's ResNet names (MoCo's convert-pretrain-to-detectron2.py): stem, res2-5, convN.norm, shortcut;
+    numpy arrays; matching_heuristics on."""
+    import pickle
+    trunk = _checkpoint(tmp_path / "last.pt", "resnet18", 224)
+    assert_ok(run_script(["tools/export.py", tmp_path / "last.pt", "--format", "detectron2", "--out",
+                          tmp_path / "r18.pkl"]))
+    exported = pickle.load(open(tmp_path / "r18.pkl", "rb"))
+    assert exported["matching_heuristics"] is True
+    model = exported["model"]
+    assert len(model) == len(trunk.state_dict())
+    for key in ("stem.conv1.weight", "stem.conv1.norm.weight", "stem.conv1.norm.running_var", "res2.0.conv1.weight",
+                "res2.1.conv2.norm.bias", "res3.0.shortcut.weight", "res3.0.shortcut.norm.running_mean",
+                "res5.1.conv2.weight"):
+        assert key in model, key
+    assert (model["res3.0.shortcut.weight"] == trunk.layer2[0].downsample[0].weight.detach().numpy()).all()
+
+
+@pytest.mark.quick
+def test_export_errors_are_one_line(tmp_path):
+    _checkpoint(tmp_path / "last.pt", "resnet18", 224)
+    assert_one_line_error(run_script(["tools/export.py", tmp_path / "last.pt", "--format", "onnx"]),
+                          "format must be one of torchvision, timm, detectron2")
+    _checkpoint(tmp_path / "vit.pt", "vit_tiny", 32, patch_size=8)
+    assert_one_line_error(run_script(["tools/export.py", tmp_path / "vit.pt", "--format", "detectron2"]),
+                          "takes a ResNet with the ImageNet stem")
+    assert_one_line_error(run_script(["tools/export.py", tmp_path / "missing.pt"]), "does not exist")
