@@ -2,6 +2,7 @@
 bench/throughput.py: a tiny run writes its tables (a benchmark, so nothing here asserts a speed).
 bench/gpu_check.py: its dry run prints and parses every command; without a GPU it stops in one line."""
 import json
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -177,3 +178,44 @@ def test_export_errors_are_one_line(tmp_path):
     assert_one_line_error(run_script(["tools/export.py", tmp_path / "vit.pt", "--format", "detectron2"]),
                           "takes a ResNet with the ImageNet stem")
     assert_one_line_error(run_script(["tools/export.py", tmp_path / "missing.pt"]), "does not exist")
+
+
+# ---- tools/visualize_attention.py: the last block's class-token attention of a ViT ----
+def test_last_block_attention_is_the_blocks_own_softmax():
+    """The maps equal the class token's row of the last block's attention weights as nn.MultiheadAttention itself
+    computes them (per head, the class token's own weight left out)."""
+    import torch
+    sys.path.insert(0, str(REPO / "tools"))
+    from visualize_attention import last_block_attention
+
+    from common.backbones import backbone_args, build_backbone
+    torch.manual_seed(0)
+    vit = build_backbone(**backbone_args("vit_tiny", 32, patch_size=8))[0].eval()
+    x = torch.randn(2, 3, 32, 32)
+    maps = last_block_attention(vit, x)
+    assert maps.shape == (3, 2, 4, 4)  # heads x images x grid
+    captured = {}
+    block = vit.encoder.layers[-1]
+    block.register_forward_pre_hook(lambda module, args: captured.update(tokens=args[0]))
+    with torch.no_grad():
+        vit(x)
+        y = block.ln_1(captured["tokens"])
+        _, weights = block.self_attention(y, y, y, need_weights=True, average_attn_weights=False)
+    torch.testing.assert_close(maps, weights[:, :, 0, 1:].reshape(2, 3, 4, 4).transpose(0, 1))
+
+
+def test_visualize_attention_draws_one_png(tmp_path):
+    from PIL import Image
+    _checkpoint(tmp_path / "vit.pt", "vit_tiny", 32, patch_size=8)
+    images = []
+    for i in range(2):
+        Image.new("RGB", (40, 30), (60 * i, 100, 200)).save(tmp_path / f"{i}.png")
+        images.append(tmp_path / f"{i}.png")
+    result = run_script(["tools/visualize_attention.py", tmp_path / "vit.pt", *images, "--out", tmp_path / "a.png"])
+    assert_ok(result)
+    assert (tmp_path / "a.png").read_bytes().startswith(PNG) and "3 heads x 2 images" in result.stdout
+    _checkpoint(tmp_path / "r18.pt", "resnet18", 32)
+    assert_one_line_error(run_script(["tools/visualize_attention.py", tmp_path / "r18.pt", *images]),
+                          "attention maps need a ViT")
+    assert_one_line_error(run_script(["tools/visualize_attention.py", tmp_path / "vit.pt", tmp_path / "none.png"]),
+                          "cannot read image")
