@@ -16,6 +16,10 @@ Two modes:
       torchrun every rank draws the same random global batch and takes its disjoint share (rows rank, rank+W,
       ...), DDP averages the gradients: one global-batch step, identical weights on every rank.
 Both modes drop the last incomplete global batch of each epoch.
+  finetune true: the papers' fine-tuning protocol. The whole network trains (the trunk in train mode: BatchNorm
+      with batch statistics), the trunk at its own lr (finetune_lr, per 256 images; 0: the head's), on augmented
+      images in the run's precision (fp16 with a GradScaler); the trunk and head are saved next to the JSON
+      (<out>.finetuned.pt: "backbone" and "head", the backbone loadable as a trunk by these scripts).
 
 Input: as knn_eval.py, a method script's checkpoint or a plain trunk state_dict (with --arch, --image_size).
 Output: the accuracies, printed and written as JSON (by default next to the checkpoint).
@@ -72,6 +76,8 @@ class Config:
     bad_images: str = "stop"  # an unreadable image file: stop (naming it) | skip (warn, use the next image)
     dist_timeout: float = 600.0  # seconds a rank waits for the others in a collective before the job stops
     cache_features: bool = False  # extract un-augmented features once and train on them (fast; fp16 on a GPU)
+    finetune: bool = False  # train the whole network (BN in train mode), not a linear head on the frozen trunk
+    finetune_lr: float = 0.0  # --finetune: the trunk's lr per 256 images (0: the head's lr)
     # optimisation
     epochs: int = 100  # training length
     batch_size: int = 256  # images per rank; global_batch = batch_size x world_size
@@ -127,12 +133,19 @@ class LARS(torch.optim.Optimizer):
                 p.add_(buf, alpha=-group["lr"])
 
 
-def build_head_optimizer(cfg, head):
+def build_head_optimizer(cfg, head, trunk=None):
+    """The head's optimizer (weight decay on its weight, not its bias); with a trunk to fine-tune, its weights and
+    its biases and norm parameters in groups of their own, at finetune_lr / lr times the head's lr (lr_ratio)."""
+    ratio = cfg.finetune_lr / cfg.lr if cfg.finetune_lr else 1.0
+    groups = [{"params": [head.weight], "lr_ratio": 1.0}, {"params": [head.bias], "lr_ratio": 1.0, "weight_decay": 0.0}]
+    if trunk is not None:
+        params = [p for p in trunk.parameters() if p.requires_grad]
+        groups += [{"params": [p for p in params if p.ndim > 1], "lr_ratio": ratio},
+                   {"params": [p for p in params if p.ndim == 1], "lr_ratio": ratio, "weight_decay": 0.0}]
     if cfg.optimizer == "lars":
-        return LARS(head.parameters(), lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return LARS(groups, lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD([{"params": [head.weight]}, {"params": [head.bias], "weight_decay": 0.0}],
-                               lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     raise UsageError(f"optimizer must be sgd or lars, got {cfg.optimizer!r}")
 
 
@@ -152,19 +165,21 @@ def cached_batches(feats, labels, batch_size, rank, world_size, epoch, seed):
         yield feats[idx], labels[idx]
 
 
-def save_probe(path, cfg, head, optimizer, step, epoch_loss, is_main, train_loss=None):
-    """On every rank: the probe's state after `step` (atomic; main rank), with the epoch's loss summed over ranks
-    so far (and the last finished epoch's train_loss, which the JSON reports)."""
+def save_probe(path, cfg, trained, optimizer, step, epoch_loss, is_main, train_loss=None):
+    """On every rank: the probe's state after `step` (atomic; main rank): what it trains (`trained`: {"head": ...},
+    with "trunk" and "scaler" when fine-tuning), the optimizer, the epoch's loss summed over ranks so far (and the
+    last finished epoch's train_loss, which the JSON reports)."""
     if dist.is_initialized():
         epoch_loss = epoch_loss.clone()
         dist.all_reduce(epoch_loss)
     if is_main:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        save_checkpoint({"head": head.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                         "epoch_loss": epoch_loss.item(), "train_loss": train_loss, "config": asdict(cfg)}, path)
+        save_checkpoint({**{name: part.state_dict() for name, part in trained.items()},
+                         "optimizer": optimizer.state_dict(), "step": step, "epoch_loss": epoch_loss.item(),
+                         "train_loss": train_loss, "config": asdict(cfg)}, path)
 
 
-def resume_probe(path, cfg, head, optimizer, is_main):
+def resume_probe(path, cfg, trained, optimizer, is_main):
     """(step, the epoch's loss so far summed over ranks, the last finished epoch's train_loss) of a stopped probe
     saved at `path`, loaded into head and optimizer; (0, 0.0, None) where there is none. Another probe's state
     (other settings) is an error; an unreadable one is named, and the probe starts over."""
@@ -180,7 +195,8 @@ def resume_probe(path, cfg, head, optimizer, is_main):
     if differing:
         raise UsageError(f"{path} holds a stopped probe with other settings ({'; '.join(differing)}); delete it to "
                          "start over, or pass --out elsewhere")
-    load_state(head, state["head"], path)
+    for name, part in trained.items():
+        load_state(part, state[name], path)
     load_state(optimizer, state["optimizer"], path)
     if is_main:
         print(f"resuming the probe from {path} at step {state['step']}", flush=True)
@@ -194,12 +210,19 @@ def main(cfg):
         raise UsageError("--epochs, --batch_size, --log_every, --dist_timeout and --stop_timeout must be positive")
     if cfg.resume not in ("auto", "false"):
         raise UsageError(f"resume must be auto or false, got {cfg.resume!r}")
+    if cfg.finetune and cfg.cache_features:
+        raise UsageError("--finetune trains the trunk on augmented images; it cannot use --cache_features true")
+    if cfg.finetune_lr < 0:
+        raise UsageError(f"finetune_lr must not be negative, got {cfg.finetune_lr}")
     rank, world_size, device = init_distributed(cfg.dist_timeout)
     is_main = rank == 0
     precision, why = resolve_precision(cfg.precision, device, is_main)
     backbone, width, args, trained = load_backbone(cfg.checkpoint, cfg.arch, cfg.image_size, cfg.cifar_stem,
                                                    cfg.patch_size)
-    backbone = backbone.to(device).eval().requires_grad_(False)  # frozen: running BN statistics, no grad
+    if cfg.finetune:  # trained whole: batch statistics in BN, a gradient everywhere
+        backbone = backbone.to(device).train()
+    else:  # frozen: running BN statistics, no grad
+        backbone = backbone.to(device).eval().requires_grad_(False)
     dataset = cfg.dataset or trained.get("dataset")
     if not dataset:
         raise UsageError(f"{cfg.checkpoint} does not say which dataset it was trained on; pass --dataset")
@@ -238,15 +261,18 @@ def main(cfg):
     head = nn.Linear(width, num_classes).to(device)
     nn.init.normal_(head.weight, std=0.01)
     nn.init.zeros_(head.bias)
-    optimizer = build_head_optimizer(cfg, head)
-    ddp_head = DDP(head) if world_size > 1 else head
+    optimizer = build_head_optimizer(cfg, head, backbone if cfg.finetune else None)
+    net = nn.Sequential(backbone, head) if cfg.finetune else head  # what trains, and what DDP wraps
+    ddp_net = DDP(net) if world_size > 1 else net
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.finetune and precision == "fp16")
+    trained = {"head": head, **({"trunk": backbone, "scaler": scaler} if cfg.finetune else {})}
     peak_lr, total_steps = cfg.lr * global_batch / 256, cfg.epochs * steps_per_epoch
 
     # ---- resume: a probe stopped by a signal continues where it was ----
     out = cfg.out or f"{os.path.splitext(cfg.checkpoint)[0]}_linear_{dataset}.json"
     state_path = f"{os.path.splitext(out)[0]}.state.pt"
     signals = StopSignals(cfg.stop_timeout, rank, world_size, cfg.dist_timeout)
-    step, loss_so_far, train_loss = (resume_probe(state_path, cfg, head, optimizer, is_main)
+    step, loss_so_far, train_loss = (resume_probe(state_path, cfg, trained, optimizer, is_main)
                                      if cfg.resume == "auto" else (0, 0.0, None))
 
     # ---- training ----
@@ -264,28 +290,34 @@ def main(cfg):
         for x, y in bar:
             lr = 0.5 * peak_lr * (1 + math.cos(math.pi * step / total_steps))
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group["lr_ratio"]
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if not cfg.cache_features:
-                with torch.no_grad(), autocast(device, precision):
-                    x = backbone(x)
-            loss = F.cross_entropy(ddp_head(x.float()), y)
+            if cfg.finetune:
+                with autocast(device, precision):
+                    logits = ddp_net(x)
+            else:
+                if not cfg.cache_features:
+                    with torch.no_grad(), autocast(device, precision):
+                        x = backbone(x)
+                logits = ddp_net(x.float())
+            loss = F.cross_entropy(logits.float(), y)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             step += 1
             epoch_loss += loss.detach()
             if step % cfg.log_every == 0:  # the loss read on the host: the only wait between these steps
                 bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.3g}")
             if signals.agree()[0] and step % steps_per_epoch:  # the epoch's last step: saved just below
-                save_probe(state_path, cfg, head, optimizer, step, epoch_loss, is_main)
+                save_probe(state_path, cfg, trained, optimizer, step, epoch_loss, is_main)
                 signals.exit_after_checkpoint(f"{state_path} at step {step}", is_main)
         if world_size > 1:
             dist.all_reduce(epoch_loss)
         train_loss = epoch_loss.item() / (steps_per_epoch * world_size)
         if is_main:
             tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f}")
-        save_probe(state_path, cfg, head, optimizer, step, epoch_loss.new_zeros(()), is_main, train_loss)
+        save_probe(state_path, cfg, trained, optimizer, step, epoch_loss.new_zeros(()), is_main, train_loss)
         if signals.agree()[0]:
             signals.exit_after_checkpoint(f"{state_path} at step {step}", is_main)
 
@@ -298,16 +330,21 @@ def main(cfg):
 
     if is_main:
         mode = "cached features" if cfg.cache_features else "augmented images"
-        print(f"linear probe ({cfg.epochs} epochs on {mode}, {cfg.optimizer} lr {peak_lr:.3g}) on {dataset}: "
+        what = "fine-tuning" if cfg.finetune else "linear probe"
+        print(f"{what} ({cfg.epochs} epochs on {mode}, {cfg.optimizer} lr {peak_lr:.3g}) on {dataset}: "
               f"top-1 {top1:.2f}%  top-5 {top5:.2f}%  ({len(train_images)} train, {len(val_set)} val "
               f"images) -> {out}")
         write_json({"top1": top1, "top5": top5, "epochs": cfg.epochs, "lr": cfg.lr, "peak_lr": peak_lr,
                     "optimizer": cfg.optimizer, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay,
                     "batch_size": cfg.batch_size, "global_batch": global_batch, "world_size": world_size,
-                    "cache_features": cfg.cache_features, "train_loss": train_loss, "dataset": dataset,
+                    "cache_features": cfg.cache_features, "finetune": cfg.finetune,
+                    "finetune_lr": cfg.finetune_lr or cfg.lr, "train_loss": train_loss, "dataset": dataset,
                     "checkpoint": cfg.checkpoint, "num_train": len(train_images), "num_val": len(val_set),
                     "num_classes": num_classes, "data_dir": data_dir, "backbone_args": args,
                     "precision": precision, "precision_reason": why, "seed": cfg.seed}, out)
+        if cfg.finetune:  # the fine-tuned network: its trunk loads as a trunk of these scripts (knn_eval.py, ...)
+            save_checkpoint({"backbone": backbone.state_dict(), "backbone_args": args, "head": head.state_dict(),
+                             "method": "finetuned"}, f"{os.path.splitext(out)[0]}.finetuned.pt")
         os.remove(state_path)  # done: nothing to resume
     close_distributed()
 

@@ -175,6 +175,14 @@ def test_missing_checkpoint(tmp_path):
                           "does not exist")
 
 
+@pytest.mark.quick
+def test_finetune_settings_that_do_not_fit_are_one_line(checkpoint):
+    assert_one_line_error(run_script([*LINEAR, "--checkpoint", checkpoint, "--finetune", "--cache_features", "true"]),
+                          "--finetune trains the trunk on augmented images; it cannot use --cache_features true")
+    assert_one_line_error(run_script([*LINEAR, "--checkpoint", checkpoint, "--finetune", "--finetune_lr", "-1"]),
+                          "finetune_lr must not be negative")
+
+
 @pytest.mark.parametrize("script, option", [("knn_eval.py", ["--arch", "resnet34"]),
                                             ("linear_eval.py", ["--cifar_stem", "false"])])
 def test_a_checkpoint_of_another_backbone_says_what_it_holds(script, option, checkpoint):
@@ -201,15 +209,18 @@ def test_a_vit_checkpoint_at_another_image_size_says_what_it_holds(tmp_path):
         load_backbone(str(tmp_path / "last.pt"), image_size=64)
 
 
-def test_linear_probe_stopped_by_a_signal_resumes_exactly(checkpoint, tmp_path):
-    """SIGTERM in the middle of a probe on augmented images: the step finishes, the head's state is saved and the
-    probe exits with 75; the same command continues it and reports exactly what an uninterrupted probe does."""
+@pytest.mark.parametrize("finetune", [False, True])
+def test_linear_probe_stopped_by_a_signal_resumes_exactly(checkpoint, tmp_path, finetune):
+    """SIGTERM in the middle of a probe on augmented images: the step finishes, the head's state (fine-tuning: the
+    trunk's too) is saved and the probe exits with 75; the same command continues it and reports exactly what an
+    uninterrupted probe does."""
     import signal
     import subprocess
     import sys
     import time
     from helpers import REPO, _env
-    args = [*LINEAR, "--checkpoint", checkpoint, "--epochs", "6", "--batch_size", "16", "--out"]
+    args = [*LINEAR, "--checkpoint", checkpoint, "--epochs", "6", "--batch_size", "16", "--finetune", str(finetune),
+            "--finetune_lr", "0.01", "--out"]
     assert_ok(run_script([*args, tmp_path / "straight.json"]))
     out, state = tmp_path / "stopped.json", tmp_path / "stopped.state.pt"
     proc = subprocess.Popen([sys.executable, *map(str, [*args, out])], cwd=REPO, env=_env(), text=True,
@@ -226,3 +237,10 @@ def test_linear_probe_stopped_by_a_signal_resumes_exactly(checkpoint, tmp_path):
     straight, result = read_json(tmp_path / "straight.json"), read_json(out)
     assert (result["top1"], result["top5"], result["train_loss"]) == (straight["top1"], straight["top5"],
                                                                      straight["train_loss"])
+    assert result["finetune"] is finetune and (tmp_path / "stopped.finetuned.pt").exists() is finetune
+    if finetune:  # the whole network trained: its trunk moved, and it loads as a trunk of these scripts
+        from common.checkpoints import load_backbone
+        tuned, before = load_backbone(str(tmp_path / "stopped.finetuned.pt"))[0], load_backbone(str(checkpoint))[0]
+        assert not torch.equal(tuned.conv1.weight, before.conv1.weight)
+        straight_trunk = torch.load(tmp_path / "straight.finetuned.pt", weights_only=True)["backbone"]
+        assert all(torch.equal(v, straight_trunk[k]) for k, v in tuned.state_dict().items())
