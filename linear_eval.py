@@ -49,8 +49,8 @@ from tqdm import tqdm
 from common.augment import eval_transform, linear_train_transform
 from common.checkpoints import load_backbone, load_checkpoint, load_state, save_checkpoint
 from common.config import UsageError, parse_config, usage_errors
-from common.data import (EpochSampler, SeededViews, Transformed, ignore_stop_signals, labelled_split, labels_of,
-                         subset)
+from common.data import (EpochSampler, SeededViews, Transformed, ignore_stop_signals, label_fraction_subset,
+                         labelled_split, labels_of, subset)
 from common.distributed import close_distributed, init_distributed, lost_rank_errors
 from common.knn import extract_features, topk_correct
 from common.precision import autocast, resolve_precision, to_device
@@ -71,6 +71,7 @@ class Config:
     data_dir: str = ""  # dataset root (empty = the checkpoint's, else "data")
     download: bool = False  # let torchvision download cifar10 / cifar100 / stl10 into data_dir
     train_subset: int = 0  # train on a fixed random subset of this many train images (0 = all)
+    label_fraction: int = 100  # % of the train labels used: 1 | 10 (ImageNet: SimCLR's official lists) | 100
     val_subset: int = 0  # evaluate on a fixed random subset of this many val images (0 = all)
     num_workers: int = 4  # data-loading processes per rank
     bad_images: str = "stop"  # an unreadable image file: stop (naming it) | skip (warn, use the next image)
@@ -232,7 +233,8 @@ def main(cfg):
     full = {split: labelled_split(dataset, data_dir, split, cfg.download, size, cfg.bad_images)
             for split in ("train", "val")}
     num_classes = max(labels_of(full["train"]) + labels_of(full["val"])) + 1
-    train_images = subset(full["train"], cfg.train_subset, cfg.seed)
+    labelled, label_subset, label_subset_sha1 = label_fraction_subset(full["train"], cfg.label_fraction, cfg.seed)
+    train_images = subset(labelled, cfg.train_subset, cfg.seed)
     val_set = Transformed(subset(full["val"], cfg.val_subset, cfg.seed), eval_transform(size, dataset))
     global_batch = cfg.batch_size * world_size
     steps_per_epoch = len(train_images) // global_batch
@@ -341,6 +343,8 @@ def main(cfg):
                     "finetune_lr": cfg.finetune_lr or cfg.lr, "train_loss": train_loss, "dataset": dataset,
                     "checkpoint": cfg.checkpoint, "num_train": len(train_images), "num_val": len(val_set),
                     "num_classes": num_classes, "data_dir": data_dir, "backbone_args": args,
+                    "label_fraction": cfg.label_fraction, "label_subset": label_subset,
+                    "label_subset_sha1": label_subset_sha1,
                     "precision": precision, "precision_reason": why, "seed": cfg.seed}, out)
         if cfg.finetune:  # the fine-tuned network: its trunk loads as a trunk of these scripts (knn_eval.py, ...)
             save_checkpoint({"backbone": backbone.state_dict(), "backbone_args": args, "head": head.state_dict(),

@@ -12,6 +12,7 @@ bad_images="skip" is replaced by the next readable image (see ReadableImages); t
 torchvision's array files and take the argument only to share one signature.
 """
 import atexit
+import hashlib
 import itertools
 import multiprocessing
 import os
@@ -181,6 +182,47 @@ def labelled_split(name, root, split, download=False, image_size=32, bad_images=
         raise UsageError(f"the {split} split of {name} in {root!r} is empty or unlabelled; kNN and the linear probe "
                          "need labels (folder: train/ and val/, each with one sub-folder per class)")
     return data
+
+
+LABEL_FRACTIONS = (1, 10, 100)  # % of the labelled train images an evaluation may use
+# SimCLR's published ImageNet subsets (configs/label_fractions/README.md says where they come from)
+LABEL_SPLITS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "label_fractions")
+
+
+def label_fraction_subset(dataset, percent, seed=0):
+    """(subset, how it was chosen, sha1 of the chosen images) for `percent` % of a labelled train split: an image
+    folder of ImageNet's classes (synset folders n01440764, ...) takes SimCLR's official 1 % / 10 % lists, which
+    every file they name must be in; any other data set a seeded `percent` % of each class (at least one image
+    a class). 100: the whole split."""
+    if percent not in LABEL_FRACTIONS:
+        raise UsageError(f"label_fraction must be one of {', '.join(map(str, LABEL_FRACTIONS))} (%), got {percent}")
+    if percent == 100:
+        return dataset, "all labels", ""
+    samples, classes = getattr(dataset, "samples", None), getattr(dataset, "classes", [])
+    if samples is not None and classes and all(len(c) == 9 and c[0] == "n" and c[1:].isdigit() for c in classes):
+        path = os.path.join(LABEL_SPLITS, f"imagenet_{percent}percent.txt")
+        with open(path) as f:
+            wanted = [line.strip() for line in f if line.strip()]
+        index = {os.path.basename(file): i for i, (file, _) in enumerate(samples)}
+        missing = [name for name in wanted if name not in index]
+        if missing:
+            raise UsageError(f"the official {percent} % ImageNet list names {len(missing)} files that are not in the "
+                             f"train split (first: {missing[0]}); give the full ImageNet train folder as --data_dir")
+        chosen = sorted(index[name] for name in wanted)
+        names = sorted(wanted)
+        how = f"SimCLR's official {percent} % list (configs/label_fractions/imagenet_{percent}percent.txt)"
+    else:
+        labels = torch.tensor(labels_of(dataset))
+        generator, chosen = torch.Generator().manual_seed(seed), []
+        for label in labels.unique().tolist():
+            members = (labels == label).nonzero().flatten()
+            keep = max(1, round(len(members) * percent / 100))
+            chosen += members[torch.randperm(len(members), generator=generator)[:keep]].tolist()
+        chosen.sort()
+        names = [os.path.basename(samples[i][0]) for i in chosen] if samples is not None else chosen
+        how = f"a seeded {percent} % of each class (seed {seed})"
+    digest = hashlib.sha1("\n".join(map(str, names)).encode()).hexdigest()
+    return Subset(dataset, chosen), how, digest
 
 
 def subset(dataset, n, seed=0):

@@ -1,13 +1,16 @@
 """knn_eval.py and linear_eval.py end to end on CPU, on a 1-epoch SimCLR checkpoint of the synthetic dataset
 (ten classes told apart by colour, so a working evaluation is far above the 10% of chance)."""
 import json
+import os
 import random
 
 import pytest
 import torch
+from PIL import Image
 
+from common.config import UsageError
 from common.precision import resolve_precision
-from helpers import assert_ok, assert_one_line_error, run_script, run_torchrun
+from helpers import REPO, assert_ok, assert_one_line_error, run_script, run_torchrun
 
 # small fixed subsets keep every run a few seconds; k=20 because with k >= the bank size (100) every class
 # votes and the weighted kNN is close to chance on a barely trained backbone
@@ -244,3 +247,54 @@ def test_linear_probe_stopped_by_a_signal_resumes_exactly(checkpoint, tmp_path, 
         assert not torch.equal(tuned.conv1.weight, before.conv1.weight)
         straight_trunk = torch.load(tmp_path / "straight.finetuned.pt", weights_only=True)["backbone"]
         assert all(torch.equal(v, straight_trunk[k]) for k, v in tuned.state_dict().items())
+
+
+# ---- label fractions: 1 % / 10 % of the labels ----
+def test_label_fraction_takes_a_seeded_share_of_each_class():
+    from common.data import Synthetic, label_fraction_subset, labels_of
+    data = Synthetic(1000, 8, seed=0)  # 10 classes of 100
+    chosen, how, digest = label_fraction_subset(data, 10, seed=0)
+    labels = labels_of(chosen)
+    assert [labels.count(c) for c in range(10)] == [10] * 10 and "seeded 10 % of each class" in how
+    again, _, same = label_fraction_subset(data, 10, seed=0)
+    assert again.indices == chosen.indices and same == digest
+    assert label_fraction_subset(data, 10, seed=1)[2] != digest
+    assert [labels_of(label_fraction_subset(data, 1)[0]).count(c) for c in range(10)] == [1] * 10
+    assert label_fraction_subset(data, 100)[0] is data
+
+
+def test_label_fraction_on_imagenet_uses_the_official_lists(tmp_path, monkeypatch):
+    """A folder of ImageNet's synsets takes SimCLR's list of the fraction (a two-image list stands in here); a list
+    naming a file the folder lacks is one clear error. The shipped lists: 12,811 and 128,116 images of 1000
+    classes."""
+    import common.data as data_module
+    from common.data import build_dataset, label_fraction_subset
+    for synset in ("n01440764", "n01443537"):
+        (tmp_path / "train" / synset).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (8, 8)).save(tmp_path / "train" / synset / f"{synset}_{i}.JPEG")
+    splits = tmp_path / "splits"
+    splits.mkdir()
+    (splits / "imagenet_1percent.txt").write_text("n01440764_2.JPEG\nn01443537_0.JPEG\n")
+    monkeypatch.setattr(data_module, "LABEL_SPLITS", str(splits))
+    train = build_dataset("folder", str(tmp_path), "train")
+    chosen, how, _ = label_fraction_subset(train, 1)
+    assert [os.path.basename(train.samples[i][0]) for i in chosen.indices] == ["n01440764_2.JPEG",
+                                                                                "n01443537_0.JPEG"]
+    assert "official 1 % list" in how
+    (splits / "imagenet_1percent.txt").write_text("n01440764_7.JPEG\n")
+    with pytest.raises(UsageError, match="names 1 files that are not in the train split .first: n01440764_7.JPEG"):
+        label_fraction_subset(train, 1)
+    for percent, count in ((1, 12811), (10, 128116)):
+        names = (REPO / "configs" / "label_fractions" / f"imagenet_{percent}percent.txt").read_text().split()
+        assert len(names) == len(set(names)) == count and len({n.split("_")[0] for n in names}) == 1000
+
+
+def test_linear_probe_on_a_label_fraction_records_its_subset(checkpoint, tmp_path):
+    out = tmp_path / "ten.json"
+    assert_ok(run_script([*LINEAR, "--checkpoint", checkpoint, "--cache_features", "true", "--epochs", "2",
+                          "--batch_size", "16", "--train_subset", "0", "--label_fraction", "10", "--out", out]))
+    result = read_json(out)
+    assert result["label_fraction"] == 10 and result["num_train"] == 100 and len(result["label_subset_sha1"]) == 40
+    assert_one_line_error(run_script([*LINEAR, "--checkpoint", checkpoint, "--label_fraction", "5"]),
+                          "label_fraction must be one of 1, 10, 100 (%), got 5")
