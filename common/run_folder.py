@@ -175,8 +175,10 @@ class MetricLog:
         else:
             import wandb
             if self.sink is None:
-                config_path = os.path.join(folder, "config.json")
-                config = json.load(open(config_path)) if os.path.exists(config_path) else {}
+                config = {}
+                if os.path.exists(os.path.join(folder, "config.json")):
+                    with open(os.path.join(folder, "config.json")) as f:
+                        config = json.load(f)
                 run_id = hashlib.sha1(os.path.abspath(folder).encode()).hexdigest()[:16]  # the same on resume
                 self.sink = wandb.init(project=os.environ.get("WANDB_PROJECT", "ssl"), dir=folder, id=run_id,
                                        name=os.path.basename(os.path.abspath(folder)), resume="allow", config=config)
