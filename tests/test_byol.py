@@ -132,3 +132,23 @@ def test_loss_endpoints_and_pairing():
     assert byol.byol_loss(a, b, -b, -a).item() == pytest.approx(8.0, abs=1e-6)
     # the views are crossed: predicting the target of the SAME view is not what is rewarded
     assert byol.byol_loss(a, b, a, b).item() > 1.0
+
+
+def test_loss_scale_multiplies_the_training_loss(tmp_path, monkeypatch):
+    """--loss_scale 0.5 (configs/byol.yaml: solo-learn's mean of the two directions): the same first step's loss,
+    halved."""
+    from battery import quick_args
+    from common.config import load_config
+    from common.step_metrics import StepMetrics
+    losses, add = [], StepMetrics.add
+
+    def record(self, loss, **values):
+        losses.append(loss.detach().item())
+        return add(self, loss=loss, **values)
+    monkeypatch.setattr(StepMetrics, "add", record)
+    first = {}
+    for scale in ("1", "0.5"):
+        losses.clear()
+        byol.train(load_config(byol.Config, quick_args("byol", tmp_path / scale, "--loss_scale", scale, epochs=1)[1:]))
+        first[scale] = losses[0]
+    assert first["0.5"] == pytest.approx(first["1"] / 2, rel=1e-5)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import simclr
 from battery import MethodCase, run_ranks
+from helpers import REPO
 
 
 # ---- the battery's case ----
@@ -66,6 +67,14 @@ def test_official_projector_option():
     held = {id(p) for group in simclr.build_optimizer(cfg, model).param_groups for p in group["params"]}
     assert id(projector[4].weight) in held and id(projector[4].bias) not in held
     assert not projector[4].bias.requires_grad and bool((projector[4].bias == 0).all())
+
+
+def test_solo_learns_cifar_head_has_no_hidden_bn():
+    """proj_hidden_bn false (configs/simclr.yaml, the run behind solo-learn's 90.74 %): Linear-ReLU-Linear."""
+    from common.config import load_config
+    cfg = load_config(simclr.Config, ["--config", str(REPO / "configs" / "simclr.yaml"), "--proj_hidden_dim", "16",
+                                      "--proj_dim", "8"])
+    assert [type(m).__name__ for m in simclr.SimCLR(cfg).projector] == ["Linear", "ReLU", "Linear"]
 
 
 def test_simclr_v2_config_builds_the_deeper_head():
