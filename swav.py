@@ -74,6 +74,7 @@ from common.distributed import close_distributed, init_distributed, lost_rank_er
 from common.knn import KnnMonitor
 from common.loaders import pretrain_loader
 from common.precision import autocast, resolve_precision
+from common.probe import OnlineProbe
 from common.run_folder import MetricLog, check_run, write_run_config
 from common.step_metrics import StepMetrics
 
@@ -408,9 +409,11 @@ def train(cfg):
     optimizer = build_optimizer(cfg, model)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
+    probe = OnlineProbe(cfg, model, loader.images, rank, world_size, device, precision)  # the online linear probe (none if probe_every is 0)
+
     # ---- resume and run folder ----
     log, metrics = MetricLog(cfg.out_dir, is_main, cfg.logger), StepMetrics(cfg.out_dir, precision, cfg.skip_nonfinite)
-    checkpointer = Checkpointer(cfg, schedule, model, optimizer, scaler, metrics, device, rank, world_size)
+    checkpointer = Checkpointer(cfg, schedule, model, optimizer, scaler, metrics, probe, device, rank, world_size)
     step = checkpointer.resume()  # from the newest intact checkpoint in out_dir (see cfg.resume); 0: a new run
     write_run_config(cfg, is_main, precision=precision, precision_reason=why, **schedule)
     ddp_model = DDP(model) if world_size > 1 else model
@@ -423,7 +426,7 @@ def train(cfg):
         model.train()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not is_main, dynamic_ncols=True)
         tic = time.time()
-        for crops, _ in bar:
+        for crops, labels in bar:
             lr = lr_at(step, total_steps, warmup_steps, peak_lr, cfg.min_lr)
             set_lr(optimizer, lr, peak_lr)
             crops = [x.to(device, non_blocking=True, memory_format=memory_format) for x in crops]
@@ -441,8 +444,10 @@ def train(cfg):
                 model.prototypes.weight.grad = None
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
             code_entropy, prototypes_used = code_stats(codes, cfg.num_prototypes)
+            probe_stats = probe.step(labels, lr_at(step, total_steps, warmup_steps, cfg.probe_lr))  # {} if none
             # kept on the device; False only for a non-finite step to skip (--skip_nonfinite)
-            if metrics.add(loss=loss, grad_norm=grad_norm, code_entropy=code_entropy, prototypes_used=prototypes_used):
+            if metrics.add(loss=loss, grad_norm=grad_norm, code_entropy=code_entropy, prototypes_used=prototypes_used,
+                           **probe_stats):
                 scaler.step(optimizer)
                 if model.queue is not None and step >= queue_start:  # this step's global-crop embeddings
                     for queue, embeddings in zip(model.queue, z.detach().view(num_crops, -1, z.shape[1])):
@@ -464,6 +469,7 @@ def train(cfg):
             print(warning, file=sys.stderr, flush=True)
         checkpointer.save(step)  # before the kNN check: after a stop signal, it exits (status 75) at once
         knn_monitor.after_epoch(epoch + 1, step, model.backbone, log)
+        probe.after_epoch(epoch + 1, step, log)
     log.report_paths()  # where the checkpoints and metrics are, and how to plot them
     close_distributed()
 

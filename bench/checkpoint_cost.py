@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import simclr  # noqa: E402 (after the path set-up)
 from common.checkpoints import Checkpointer  # noqa: E402
 from common.config import load_config  # noqa: E402
+from common.probe import OnlineProbe  # noqa: E402
 from common.step_metrics import StepMetrics  # noqa: E402
 from machine import machine  # noqa: E402 (bench/machine.py)
 
@@ -76,7 +77,8 @@ def main():
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     schedule = {"world_size": 1, "global_batch": 4096, "steps_per_epoch": 312, "total_steps": 31200, "peak_lr": 4.8}
     metrics = StepMetrics(folder)
-    checkpointer = Checkpointer(cfg, schedule, model, optimizer, scaler, metrics, torch.device("cpu"), 0, 1)
+    no_probe = OnlineProbe(cfg, model, None, 0, 1, torch.device("cpu"), "fp32")  # simclr_imagenet.yaml: probe_every 0
+    checkpointer = Checkpointer(cfg, schedule, model, optimizer, scaler, metrics, no_probe, torch.device("cpu"), 0, 1)
 
     step = iter(range(1, 1000))
     save_s = best_of(args.repeats, lambda: checkpointer.save(next(step)))

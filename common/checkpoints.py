@@ -20,7 +20,8 @@ from common.run_folder import RUN_ONLY_KEYS, changed_settings, checkpoint_files,
 from common.stopping import EXIT_PREEMPTED, StopSignals
 
 
-# what a checkpoint of a pre-training holds (Checkpointer.save)
+# what a checkpoint of a pre-training holds (Checkpointer.save); "probe", the online probe's state ({} without a
+# probe), is there too but not required: a checkpoint without it resumes with a new probe
 TRAINING_STATE = {"method", "model", "optimizer", "scaler", "step", "epoch", "config", "schedule", "rng", "metrics",
                   "backbone", "backbone_args"}
 
@@ -38,9 +39,9 @@ class Checkpointer:
     After a stop signal, save() exits with EXIT_PREEMPTED (StopSignals).
     resume() loads the newest intact checkpoint; a truncated or corrupt one is named and passed over."""
 
-    def __init__(self, cfg, schedule, model, optimizer, scaler, metrics, device, rank, world_size):
+    def __init__(self, cfg, schedule, model, optimizer, scaler, metrics, probe, device, rank, world_size):
         self.cfg, self.schedule, self.device = cfg, schedule, device
-        self.model, self.optimizer, self.scaler, self.metrics = model, optimizer, scaler, metrics
+        self.model, self.optimizer, self.scaler, self.metrics, self.probe = model, optimizer, scaler, metrics, probe
         self.is_main, self.rank, self.world_size = rank == 0, rank, world_size
         self.last_pt = os.path.join(cfg.out_dir, "last.pt")
         self.saved_at = time.time()
@@ -90,7 +91,8 @@ class Checkpointer:
                      "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                      "step": step, "epoch": step // spe, "config": dataclasses.asdict(self.cfg),
                      "schedule": self.schedule, "rng": rng_states(self.device), "metrics": self.metrics.state_dict(),
-                     "backbone": self.kept_backbone().state_dict(), "backbone_args": self.model.backbone_args}
+                     "probe": self.probe.state_dict(), "backbone": self.kept_backbone().state_dict(),
+                     "backbone_args": self.model.backbone_args}
             try:
                 self._write(state, step, epoch=step // spe if step % spe == 0 else 0)
             except (OSError, RuntimeError) as e:  # torch.save reports some failed writes as RuntimeError
@@ -120,10 +122,10 @@ class Checkpointer:
     def resume(self):
         """Continue the run in cfg.out_dir, if it holds one and cfg.resume allows: load the newest intact
         checkpoint into the model (with its buffers: EMA targets, queues, centres), the optimizer, the scaler,
-        the metrics and the random generators, after checking that it is a checkpoint of this method and
-        backbone, that the settings match (auto; true reports the changed ones and applies them), that the
-        schedule continues (check_schedule) and that every rank found the same step. The optimizer keeps this
-        run's group settings. Returns the step to continue from: 0 for a new run."""
+        the metrics, the online probe and the random generators, after checking that it is a checkpoint of this
+        method and backbone, that the settings match (auto; true reports the changed ones and applies them),
+        that the schedule continues (check_schedule) and that every rank found the same step. The optimizer keeps
+        this run's group settings. Returns the step to continue from: 0 for a new run."""
         cfg = self.cfg
         if self.is_main and os.path.isdir(cfg.out_dir):
             for name in os.listdir(cfg.out_dir):  # what a killed run was writing
@@ -181,6 +183,7 @@ class Checkpointer:
             print("the checkpoint has no GradScaler state (it computed in bf16 or fp32): fp16 starts a fresh one",
                   flush=True)
         self.metrics.load_state_dict(ckpt["metrics"])
+        self.probe.load_state_dict(ckpt.get("probe", {}), path)  # none in a run that had no probe
         set_rng_states(ckpt["rng"], self.device)
         if is_main:
             if changed:  # e.g. a longer --epochs reshapes the schedule

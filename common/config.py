@@ -63,12 +63,14 @@ class PretrainConfig:
     stop_timeout: float = 120.0  # after SIGTERM / SIGUSR1: seconds to finish the step and checkpoint, else exit
     dist_timeout: float = 600.0  # seconds a rank waits for the others in a collective before the job stops
     skip_nonfinite: int = 0  # steps with a non-finite loss or gradient to skip (0: stop at the first)
-    # logging and the kNN monitor
+    # logging, the kNN monitor and the online linear probe
     log_every: int = 10  # steps between lines of metrics.jsonl
     logger: str = "none"  # also send every logged value to: none | tensorboard (out_dir/tensorboard) | wandb
     knn_every: int = 0  # epochs between online kNN checks on the labelled train/val splits (0 = off)
     knn_k: int = 200  # neighbours of the kNN monitor
     knn_temperature: float = 0.07  # vote temperature of the kNN monitor
+    probe_every: int = 0  # epochs between val checks of the online linear probe, trained every step (0 = no probe)
+    probe_lr: float = 0.1  # the probe's peak lr (SGD, momentum 0.9, no weight decay) on the trunk's warm-up and cosine
 
 
 # string options that also take a bare --flag, meaning "true" (--resume: auto | true | false)

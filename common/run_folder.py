@@ -19,8 +19,8 @@ RESUME_MODES = ("auto", "true", "false")
 # settings that change how a run is carried out, not what it computes: `resume: auto` continues a run even
 # where they differ (a re-queued job on another node, with more data workers, a new data path, ...)
 RUN_ONLY_KEYS = ("resume", "out_dir", "data_dir", "download", "num_workers", "compile", "log_every", "knn_every",
-                 "checkpoint_every_steps", "checkpoint_every_minutes", "keep_checkpoints", "snapshot_every",
-                 "stop_timeout", "dist_timeout", "bad_images", "skip_nonfinite", "logger")
+                 "probe_every", "checkpoint_every_steps", "checkpoint_every_minutes", "keep_checkpoints",
+                 "snapshot_every", "stop_timeout", "dist_timeout", "bad_images", "skip_nonfinite", "logger")
 
 
 def check_run(cfg):
@@ -30,10 +30,12 @@ def check_run(cfg):
     for key in ("epochs", "batch_size", "log_every", "snapshot_every", "keep_checkpoints"):
         if getattr(cfg, key) < 1:
             raise UsageError(f"{key} must be at least 1, got {getattr(cfg, key)}")
-    for key in ("knn_every", "warmup_epochs", "checkpoint_every_steps", "checkpoint_every_minutes",
+    for key in ("knn_every", "probe_every", "warmup_epochs", "checkpoint_every_steps", "checkpoint_every_minutes",
                 "skip_nonfinite"):
         if getattr(cfg, key) < 0:
             raise UsageError(f"{key} must not be negative, got {getattr(cfg, key)}")
+    if cfg.probe_lr <= 0:
+        raise UsageError(f"probe_lr must be positive, got {cfg.probe_lr}")
     for key in ("stop_timeout", "dist_timeout"):
         if getattr(cfg, key) <= 0:
             raise UsageError(f"{key} must be a positive number of seconds, got {getattr(cfg, key)}")

@@ -16,8 +16,8 @@ from helpers import run_script, run_torchrun  # noqa: E402
 class Runs(dict):
     """One uninterrupted 2-epoch run per method, made the first time a test asks for that method and shared by
     the tests that follow: in one process (batch 16, 4 steps an epoch, a checkpoint every 3 steps and at each
-    epoch's end, all kept, the kNN monitor at epoch 2), or under torchrun with 2 ranks x 16 (a line in
-    metrics.jsonl every step)."""
+    epoch's end, all kept, the kNN monitor at epoch 2, the online probe checked every epoch), or under torchrun
+    with 2 ranks x 16 (a line in metrics.jsonl every step, the online probe checked every epoch)."""
 
     def __init__(self, root, ranks):
         super().__init__()
@@ -31,7 +31,7 @@ class Runs(dict):
             result = run_script(quick_args(method, out, *TRAINED_ARGS, *extra))
         else:
             result = run_torchrun(self.ranks, quick_args(method, out, "--snapshot_every", "1", "--log_every", "1",
-                                                         *extra))
+                                                         "--probe_every", "1", *extra))
         assert result.returncode == 0, result.stderr[-3000:]
         self[key] = out
         return out

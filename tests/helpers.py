@@ -78,6 +78,8 @@ class RunConfig:
     log_every: int = 10
     snapshot_every: int = 1
     knn_every: int = 0
+    probe_every: int = 0
+    probe_lr: float = 0.1
     num_workers: int = 0
     out_dir: str = "runs/demo"
     resume: str = "auto"

@@ -108,10 +108,14 @@ def test_end_to_end_one_process(method, trained):
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
     knn = [line for line in lines if "eval/knn_top1" in line]  # the online monitor ran once, at epoch 2
     assert [line["epoch"] for line in knn] == [2] and 0 <= knn[0]["eval/knn_top1"] <= 100
+    probe = [line for line in lines if "eval/probe_top1" in line]  # the online probe, checked every epoch
+    assert [line["epoch"] for line in probe] == [1, 2] and all(0 <= line["eval/probe_top5"] <= 100 for line in probe)
+    assert all(math.isfinite(line["train/epoch_probe_loss"]) for line in lines if "train/epoch_loss" in line)
     # the trunk alone loads into the matching torchvision model without renaming keys
     from common.backbones import build_backbone
-    trunk, _ = build_backbone(**ckpt["backbone_args"])
+    trunk, width = build_backbone(**ckpt["backbone_args"])
     trunk.load_state_dict(ckpt["backbone"], strict=True)
+    assert ckpt["probe"]["head"]["weight"].shape == (10, width)  # the probe: the trunk's features -> 10 classes
 
 
 @pytest.mark.quick
@@ -140,11 +144,14 @@ def test_end_to_end_torchrun(method, trained_torchrun):
     steps = [line["step"] for line in metrics_of(out) if "train/loss" in line]
     assert steps == [1, 2, 3, 4] and all(math.isfinite(line["train/loss"]) for line in metrics_of(out)
                                          if "train/loss" in line)
+    # the online probe under DDP: its gradient is averaged over the ranks (exactly: test_common), checked every epoch
+    assert [line["epoch"] for line in metrics_of(out) if "eval/probe_top1" in line] == [1, 2]
 
 
 # ---- (4) resume gives exactly the uninterrupted weights, and the same schedule on another world size ----
-def assert_same_training_state(resumed, straight):
-    """Two checkpoints hold bit-identical weights, buffers and optimizer state, at the same step."""
+def assert_same_training_state(resumed, straight, probe=True):
+    """Two checkpoints hold bit-identical weights, buffers and optimizer state, at the same step (and the same
+    online probe, unless probe=False)."""
     assert resumed["step"] == straight["step"]
     for key in ("model", "backbone"):
         assert resumed[key].keys() == straight[key].keys()
@@ -152,6 +159,11 @@ def assert_same_training_state(resumed, straight):
             assert torch.equal(resumed[key][name], straight[key][name]), f"{key}.{name} differs after resume"
     for a, b in zip(resumed["optimizer"]["state"].values(), straight["optimizer"]["state"].values(), strict=True):
         assert all(torch.equal(a[k], b[k]) for k in b)
+    if probe:  # the online probe's weights and momentum
+        assert all(torch.equal(resumed["probe"]["head"][k], v) for k, v in straight["probe"]["head"].items())
+        for a, b in zip(resumed["probe"]["optimizer"]["state"].values(),
+                        straight["probe"]["optimizer"]["state"].values(), strict=True):
+            assert all(torch.equal(a[k], b[k]) for k in b)
 
 
 # every method resumes mid epoch 1 (its views made a batch at a time, views: auto on synthetic data); SimCLR,
@@ -183,6 +195,18 @@ def test_resume_is_exact(method, stopped_after, views, workers, trained, tmp_pat
         return [line["train/epoch_loss"] for line in metrics_of(out) if "train/epoch_loss" in line]
 
     assert epoch_means(run) == epoch_means(trained[key])[stopped_after // 4:]  # epochs completed after
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_online_probe_never_changes_the_trunk(method, trained, tmp_path):
+    """The uninterrupted run (the online probe trained every step and checked every epoch) and the same run
+    without the probe end with bit-identical weights, buffers and optimizer state: the probe learns from detached
+    features, draws its weights from a fork of the random generators and evaluates in eval mode."""
+    result = run_script(quick_args(method, tmp_path, *TRAINED_ARGS, "--probe_every", "0"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    without = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert without["probe"] == {} and not [line for line in metrics_of(tmp_path) if "eval/probe_top1" in line]
+    assert_same_training_state(without, torch.load(trained[method] / "last.pt", weights_only=True), probe=False)
 
 
 # SimCLR (the lr), and every method with a schedule of its own in metrics.jsonl (an EMA rate: "schedule/...")
@@ -508,8 +532,8 @@ def test_configs_parse(method):
 @pytest.mark.parametrize("views", ["batched", "workers"])
 @pytest.mark.parametrize("method", METHODS)
 def test_no_host_sync_between_log_lines(method, views, tmp_path, monkeypatch):
-    """Steps 2 and 3 of an epoch of 4 (no log line, no checkpoint, no kNN between them), in the run's own
-    precision (auto): nothing read back, no boolean mask, no tensor made from host data, no blocking copy to the
+    """Steps 2 and 3 of an epoch of 4 (no log line, no checkpoint, no kNN between them; the online probe's step
+    included), in the run's own precision (auto): nothing read back, no boolean mask, no tensor made from host data, no blocking copy to the
     device (tests/battery.py HostSyncs says what counts). The batched views are made in the step's time and are
     counted; per-image views are made in loader workers, on the host, and are not."""
     module = importlib.import_module(method)
@@ -520,5 +544,5 @@ def test_no_host_sync_between_log_lines(method, views, tmp_path, monkeypatch):
                                                                                count_fetch=views == "batched"))
     with syncs:
         module.train(load_config(module.Config, quick_args(method, tmp_path, "--views", views, "--log_every", "4",
-                                                           epochs=1)[1:]))
+                                                           "--probe_every", "1", epochs=1)[1:]))
     assert syncs.found == []

@@ -4,6 +4,7 @@ import json
 import importlib
 import re
 import sys
+from types import SimpleNamespace
 from dataclasses import dataclass
 
 import pytest
@@ -26,6 +27,7 @@ from common.data import EpochSampler, SeededViews, Synthetic, build_dataset, lab
 from common.knn import knn_predict, topk_correct
 from common.loaders import pretrain_loader
 from common.precision import resolve_precision
+from common.probe import OnlineProbe
 from common.run_folder import changed_settings
 from common.step_metrics import StepMetrics
 
@@ -495,6 +497,8 @@ def test_resumed_optimizer_keeps_this_runs_settings():
     ("snapshot_every", 0, "snapshot_every must be at least 1, got 0"),
     ("epochs", -1, "epochs must be at least 1, got -1"),
     ("knn_every", -2, "knn_every must not be negative, got -2"),
+    ("probe_every", -1, "probe_every must not be negative, got -1"),
+    ("probe_lr", 0, "probe_lr must be positive, got 0"),
     ("keep_checkpoints", 0, "keep_checkpoints must be at least 1, got 0"),
     ("checkpoint_every_steps", -1, "checkpoint_every_steps must not be negative, got -1"),
     ("stop_timeout", 0, "stop_timeout must be a positive number of seconds, got 0"),
@@ -522,6 +526,82 @@ def test_knn_monitor_checks_its_splits_when_it_is_made(tmp_path):
         KnnMonitor(cfg, 0, 1, torch.device("cpu"), "fp32")
     off = SimpleNamespace(**{**vars(cfg), "knn_every": 0})
     assert KnnMonitor(off, 0, 1, torch.device("cpu"), "fp32").splits is None  # off: nothing built
+
+
+# ---- the online linear probe (common/probe.py); the battery runs it in every method ----
+def _probe(arch, rank=0, world_size=1, probe_every=1, data_dir="data", dataset="synthetic"):
+    """A probe on an `arch` trunk at 16 px over the synthetic data set, and the trunk (in training mode)."""
+    cfg = SimpleNamespace(probe_every=probe_every, dataset=dataset, data_dir=data_dir, download=False, image_size=16,
+                          bad_images="stop", seed=0, batch_size=8, num_workers=0)
+    model = nn.Module()
+    model.backbone_args = backbone_args(arch, 16, patch_size=8)
+    torch.manual_seed(0)
+    model.backbone, _ = build_backbone(**model.backbone_args)
+    images = build_dataset(dataset, data_dir, "pretrain", image_size=16)
+    return OnlineProbe(cfg, model, images, rank, world_size, torch.device("cpu"), "fp32"), model.backbone
+
+
+def _probe_steps(rank, world_size):
+    """Three probe steps on this rank's share of two views of 16 images (ViT: no batch statistics, so a trunk's
+    features do not depend on how the batch is split); returns the head's weights and momentum."""
+    probe, trunk = _probe("vit_tiny", rank, world_size)
+    images = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    labels = torch.arange(16) % 10
+    share = slice(rank * 16 // world_size, (rank + 1) * 16 // world_size)
+    for lr in (0.5, 0.3, 0.1):
+        trunk(images[share])  # view 1
+        trunk(images[share].flip(3))  # view 2
+        probe.step(labels[share], lr)
+    return {"weight": probe.head.weight.detach(), "bias": probe.head.bias.detach(),
+            "momentum": [probe.optimizer.state[p]["momentum_buffer"] for p in probe.head.parameters()]}
+
+
+def test_online_probe_learns_from_the_global_batch():
+    """Two gloo ranks, each with half the batch, train the probe exactly as one process with all of it."""
+    whole = _probe_steps(0, 1)
+    for rank in run_ranks(_probe_steps, 2):
+        torch.testing.assert_close(rank["weight"], whole["weight"])
+        torch.testing.assert_close(rank["bias"], whole["bias"])
+        for a, b in zip(rank["momentum"], whole["momentum"], strict=True):
+            torch.testing.assert_close(a, b)
+
+
+@pytest.mark.quick
+def test_online_probe_learns_from_the_global_views_only_and_skips_a_non_finite_step(tmp_path):
+    """The hook keeps the training forwards of image_size inputs (not multi-crop's small crops, not an
+    evaluation's forwards), detached; a step on non-finite features leaves weights and momentum as they were;
+    the probe learns (its training loss falls on a fixed batch); off, nothing is built or hooked."""
+    probe, trunk = _probe("resnet18")
+    x, labels = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, -1])  # -1: an unlabelled image, left out
+    trunk(x), trunk(torch.randn(4, 3, 8, 8))  # a global view, a small crop
+    trunk.eval()
+    trunk(x)
+    trunk.train()
+    assert len(probe.features) == 1 and probe.features[0].shape == (4, 512) and not probe.features[0].requires_grad
+    losses = [float(probe.step(labels, 0.1)["probe_loss"])]
+    for _ in range(5):
+        trunk(x)
+        losses.append(float(probe.step(labels, 0.1)["probe_loss"]))
+    assert losses[-1] < losses[0] and not probe.features
+    state = [probe.head.weight, probe.head.bias, *(probe.optimizer.state[p]["momentum_buffer"]
+                                                   for p in probe.head.parameters())]
+    before = [t.clone() for t in state]
+    probe.features = [torch.full((4, 512), float("nan"))]
+    assert not torch.isfinite(probe.step(labels, 0.1)["probe_loss"])
+    assert all(torch.equal(a, b) for a, b in zip(state, before, strict=True))
+    off, trunk = _probe("resnet18", probe_every=0)
+    trunk(x)
+    assert off.step(labels, 0.1) == {} and off.state_dict() == {} and not trunk._forward_hooks
+
+
+@pytest.mark.quick
+def test_online_probe_needs_labels(tmp_path):
+    """Pre-training images without classes (a flat folder) and the probe on: one line at start-up."""
+    _write_images(tmp_path / "photos" / "train", 4)
+    _write_images(tmp_path / "photos" / "val", 4)
+    with pytest.raises(UsageError, match="the online probe needs class labels, and the pre-training images of "
+                                         "folder .* have none; .* or set --probe_every 0"):
+        _probe("resnet18", data_dir=str(tmp_path / "photos"), dataset="folder")
 
 
 # ---- logging sinks: metrics.jsonl stays the record; --logger also sends every value ----

@@ -26,6 +26,7 @@ from helpers import REPO, RunConfig, _env, assert_ok, assert_one_line_error, rea
 from common.checkpoints import Checkpointer
 from common.config import UsageError
 from common.distributed import EXIT_LOST_RANK
+from common.probe import OnlineProbe
 from common.run_folder import check_run, trim_metrics
 from common.step_metrics import StepMetrics
 from common.stopping import EXIT_FORCED, EXIT_PREEMPTED
@@ -50,7 +51,8 @@ def make_run(tmp_path, model=None, scaler_on=False, rank=0, world_size=1, **sett
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     scaler = torch.amp.GradScaler("cpu", enabled=scaler_on)
     metrics = StepMetrics(cfg.out_dir)
-    return Checkpointer(cfg, SCHEDULE, model, optimizer, scaler, metrics, CPU, rank, world_size), model
+    no_probe = OnlineProbe(cfg, model, None, rank, world_size, CPU, "fp32")  # probe_every 0
+    return Checkpointer(cfg, SCHEDULE, model, optimizer, scaler, metrics, no_probe, CPU, rank, world_size), model
 
 
 def train_steps(checkpointer, model, first, last):

@@ -1,0 +1,126 @@
+"""The online linear probe of the pre-training scripts: a linear classifier trained, in every step, on the
+detached trunk features of the training batch, with its own optimizer, and evaluated on the validation split
+every cfg.probe_every epochs (eval/probe_top1, eval/probe_top5). It is solo-learn's online classifier, whose
+numbers the CIFAR-10 configs target.
+
+It never changes the pre-training: a forward hook on the trunk keeps a detached copy of its features of the
+global views (inputs of image_size px: multi-crop's small crops are left out), the head's weights are drawn
+inside a fork of the random generators (the trunk's stream never moves), and its loss has a graph of its own.
+Under torchrun its gradients are averaged over ranks (one all_reduce of one small tensor), so it learns from
+the global batch. Its weights and momentum are in every checkpoint (Checkpointer), so a resumed run is exact.
+"""
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from common.augment import eval_transform
+from common.backbones import build_backbone
+from common.checkpoints import load_state
+from common.config import UsageError
+from common.data import Transformed, labelled_split, labels_of
+from common.knn import extract_features, topk_correct
+
+
+class OnlineProbe:
+    """A linear classifier on model.backbone's features, off when cfg.probe_every is 0. step() trains it on the
+    features that the trunk's forward of this step produced (SGD, momentum 0.9, no weight decay, at the lr the
+    script's schedule gives it); after_epoch() evaluates it. Images labelled -1 (STL-10's unlabelled split) are
+    left out of its loss."""
+
+    def __init__(self, cfg, model, images, rank, world_size, device, precision):
+        self.cfg, self.rank, self.world_size, self.device, self.precision = cfg, rank, world_size, device, precision
+        self.on = cfg.probe_every > 0
+        if not self.on:
+            return
+        labels = labels_of(images)
+        if max(labels, default=-1) < 0:
+            raise UsageError(f"the online probe needs class labels, and the pre-training images of {cfg.dataset} in "
+                             f"{cfg.data_dir!r} have none; give the folder one sub-folder per class, or set "
+                             "--probe_every 0")
+        val = labelled_split(cfg.dataset, cfg.data_dir, "val", cfg.download, cfg.image_size, cfg.bad_images)
+        num_classes = max(max(labels), *labels_of(val)) + 1
+        self.val = Transformed(val, eval_transform(cfg.image_size, cfg.dataset))
+        with torch.random.fork_rng(devices=[]):  # the trunk's random stream is the same with the probe on or off
+            torch.manual_seed(cfg.seed)
+            with torch.device("meta"):  # the trunk's width, without building its weights
+                _, width = build_backbone(**model.backbone_args)
+            self.head = nn.Linear(width, num_classes).to(device)
+        self.optimizer = torch.optim.SGD(self.head.parameters(), lr=0.0, momentum=0.9)
+        self.backbone, self.features = model.backbone, []
+        self.backbone.register_forward_hook(self._keep)
+
+    def _keep(self, module, args, output):
+        """The forward hook: a training forward of the global views keeps their features (detached)."""
+        if module is self.backbone and module.training and args[0].shape[-1] == self.cfg.image_size:
+            self.features.append(output.detach())
+
+    def step(self, labels, lr):
+        """One SGD step of the head on the features kept since the last step (each view's rows, in the order the
+        trunk saw them), at this lr. Returns the values for StepMetrics ({} when the probe is off); reads nothing
+        back to the host. A step whose gradient is not finite (a trunk's non-finite step) leaves the probe as it
+        was."""
+        if not self.on:
+            return {}
+        features, self.features = torch.cat(self.features).float(), []
+        labels = labels.to(self.device, non_blocking=True)
+        labels = labels.repeat(len(features) // len(labels))  # the views' rows: view 1's images, view 2's, ...
+        logits = self.head(features)
+        loss = F.cross_entropy(logits, labels, ignore_index=-1)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        params = list(self.head.parameters())
+        if self.world_size > 1:  # the mean over ranks: the gradient of the global batch
+            grads = torch.cat([p.grad.flatten() for p in params])
+            dist.all_reduce(grads)
+            for p, g in zip(params, grads.split([p.numel() for p in params])):
+                p.grad.copy_(g.view_as(p) / self.world_size)
+        finite = torch.stack([p.grad.isfinite().all() for p in params]).all()
+        kept = [t for p in params for t in (p, *self.optimizer.state[p].values())]  # weights, momentum (if any)
+        before = [t.clone() for t in kept]
+        for p in params:
+            p.grad = torch.where(finite, p.grad, 0.0)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        with torch.no_grad():  # a skipped step: weights and momentum as they were (a new momentum buffer is 0)
+            for t, old in zip(kept, before):
+                t.copy_(torch.where(finite, t, old))
+        labelled = labels >= 0
+        correct = ((logits.argmax(1) == labels) & labelled).sum() / labelled.sum().clamp(min=1)
+        return {"probe_loss": loss.detach(), "probe_top1": 100.0 * correct}
+
+    @torch.no_grad()
+    def after_epoch(self, epoch, step, log):
+        """Evaluate the probe on the val split, on the trunk it learns from, if `epoch` (1-based) is one of its
+        epochs: each rank classifies its shard; log eval/probe_top1 and eval/probe_top5."""
+        if not self.on or epoch % self.cfg.probe_every:
+            return
+        cfg = self.cfg
+        features, labels = extract_features(self.backbone, self.val, 2 * cfg.batch_size, cfg.num_workers, self.device,
+                                             self.precision, self.rank, self.world_size, gather=False)
+        counts = torch.tensor([*topk_correct(self.head(features.float()), labels), len(labels)],
+                              dtype=torch.float64, device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(counts)
+        top1, top5 = (100.0 * counts[:2] / counts[2]).tolist()
+        log.write(step=step, epoch=epoch, **{"eval/probe_top1": top1, "eval/probe_top5": top5})
+        if self.rank == 0:
+            tqdm.write(f"epoch {epoch}: online probe top-1 {top1:.2f}%  top-5 {top5:.2f}%")
+
+    def state_dict(self):
+        if not self.on:
+            return {}
+        return {"head": self.head.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state, path):
+        """Resume the probe; a checkpoint of a run without it (probe_every was 0) leaves a new probe."""
+        if not self.on:
+            return
+        if not state:
+            if self.rank == 0:
+                print(f"{path} holds no online probe (probe_every was 0): a new probe starts here", flush=True)
+            return
+        load_state(self.head, state["head"], path)
+        load_state(self.optimizer, state["optimizer"], path)
