@@ -391,7 +391,8 @@ def train(cfg):
 
     # ---- data ----
     views = multi_crop(cfg.augment, cfg.dataset, cfg.image_size, cfg.local_size, cfg.num_local,
-                       global_scale=(cfg.crop_min_scale, 1.0), local_scale=(cfg.local_min_scale, cfg.crop_min_scale))
+                       global_scale=(cfg.crop_min_scale, 1.0), local_scale=(cfg.local_min_scale, cfg.crop_min_scale),
+                       jitter=cfg.jitter, small_image_blur=cfg.small_image_blur)
     loader = pretrain_loader(cfg, views, rank, world_size, device)
     knn_monitor = KnnMonitor(cfg, rank, world_size, device, precision)  # checks the labelled splits now
     global_batch = cfg.batch_size * world_size

@@ -298,7 +298,8 @@ def train(cfg):
     torch.manual_seed(cfg.seed)
 
     # ---- data ----
-    views = two_views(cfg.augment, cfg.image_size, cfg.dataset, scale=(cfg.crop_min_scale, 1.0))
+    views = two_views(cfg.augment, cfg.image_size, cfg.dataset, scale=(cfg.crop_min_scale, 1.0), jitter=cfg.jitter,
+                      small_image_blur=cfg.small_image_blur)
     loader = pretrain_loader(cfg, views, rank, world_size, device)
     knn_monitor = KnnMonitor(cfg, rank, world_size, device, precision)  # checks the labelled splits now
     global_batch = cfg.batch_size * world_size

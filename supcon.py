@@ -287,7 +287,8 @@ def train(cfg):
     torch.manual_seed(cfg.seed)
 
     # ---- data ----
-    views = two_views(cfg.augment, cfg.image_size, cfg.dataset, scale=(cfg.crop_min_scale, 1.0))
+    views = two_views(cfg.augment, cfg.image_size, cfg.dataset, scale=(cfg.crop_min_scale, 1.0), jitter=cfg.jitter,
+                      small_image_blur=cfg.small_image_blur)
     loader = pretrain_loader(cfg, views, rank, world_size, device)
     unlabelled = sum(label < 0 for label in labels_of(loader.images))  # once, from the reader's lists
     if unlabelled:  # label -1: stl10's unlabeled split, a folder without class sub-folders

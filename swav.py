@@ -40,8 +40,9 @@ Where the official code's effective behaviour is followed rather than a literal 
   eps). The trunk's features carry the precision's rounding, which 1/eps amplifies: at initialisation the codes
   are about 6 % (L1) from fp32's under bf16 autocast (tests/test_swav.py); fp16, the official precision
   (--precision fp16 on a GPU), rounds 8 times finer.
-- Crops are resized bilinearly and blurred with a kernel of about 10% of the crop (common/augment.py); the
-  official code that published 72.7 % blurred with a 23-px kernel at every size (later PIL's radius).
+- Crops are resized bilinearly and blurred with a kernel of about 10% of the crop, below 96 px with 13 taps or not
+  at all (small_image_blur; common/augment.py); the official code that published 72.7 % blurred with a 23-px
+  kernel at every size (later PIL's radius).
 - LARS by default neither decays nor adapts biases and norm parameters; decay_bias_and_norm: true decays and
   adapts every parameter, as solo-learn's SwAV run and the official apex LARC (trust 0.001, no clipping) did, and
   as both configs set. The prototypes' gradient is dropped for freeze_prototypes_epochs x steps_per_epoch steps
@@ -385,7 +386,8 @@ def train(cfg):
 
     # ---- data ----
     views = multi_crop(cfg.augment, cfg.dataset, cfg.image_size, cfg.local_size, cfg.num_local,
-                       global_scale=(cfg.crop_min_scale, 1.0), local_scale=(cfg.local_min_scale, cfg.crop_min_scale))
+                       global_scale=(cfg.crop_min_scale, 1.0), local_scale=(cfg.local_min_scale, cfg.crop_min_scale),
+                       jitter=cfg.jitter, small_image_blur=cfg.small_image_blur)
     loader = pretrain_loader(cfg, views, rank, world_size, device)
     knn_monitor = KnnMonitor(cfg, rank, world_size, device, precision)  # checks the labelled splits now
     global_batch = cfg.batch_size * world_size

@@ -177,13 +177,13 @@ class BatchedView:
     size) float32, normalised.
     sample() draws each image's parameters (the distributions of the per-image pipeline), apply() uses them."""
 
-    def __init__(self, size, dataset, jitter, blur, solarize, scale=(0.08, 1.0), gray=0.2, ratio=(3 / 4, 4 / 3),
-                 jitter_p=0.8):
+    def __init__(self, size, dataset, jitter, blur, solarize, scale=(0.08, 1.0), gray=0.2, small_image_blur=False,
+                 ratio=(3 / 4, 4 / 3), jitter_p=0.8):
         self.size, self.scale, self.ratio = size, scale, ratio
         self.jitter_p, self.gray, self.solarize = jitter_p, gray, solarize
         b, c, s, h = jitter  # torchvision's ColorJitter ranges: [max(0, 1 - v), 1 + v], hue [-h, h]
         self.jitter = ((max(0.0, 1 - b), 1 + b), (max(0.0, 1 - c), 1 + c), (max(0.0, 1 - s), 1 + s), (-h, h))
-        self.kernel_size = blur_kernel_size(size)  # 0: no blur at this size
+        self.kernel_size = blur_kernel_size(size, small_image_blur)  # 0: no blur at this size
         self.blur = blur if self.kernel_size else 0.0
         self.mean, self.std = (torch.tensor(v).view(1, 3, 1, 1) for v in MEAN_STD.get(dataset, MEAN_STD["folder"]))
 

@@ -5,6 +5,7 @@ import difflib
 import inspect
 import re
 import sys
+import types
 import typing
 
 import yaml
@@ -48,6 +49,8 @@ class PretrainConfig:
     num_workers: int = 4  # data-loading processes per rank
     views: str = "auto"  # batched (a batch at a time on the device) | workers (per image) | auto: batched unless folder
     bad_images: str = "stop"  # an unreadable image file: stop (naming it) | skip (warn, use the next image)
+    small_image_blur: bool = False  # blur views below 96 px too, with the preset's p (a 13-tap kernel at 32 px)
+    jitter: tuple[float, ...] | None = None  # brightness, contrast, saturation, hue of every view (null: the preset's)
     # computation
     precision: str = "auto"  # auto (bf16 where native, else fp16 on GPU, fp32 on CPU) | bf16 | fp16 (GPU) | fp32
     channels_last: bool = True  # NHWC memory format (faster convolutions with mixed precision)
@@ -110,6 +113,8 @@ def _coerce(name, value, typ):
             return "true" if value else "false"
         if isinstance(value, (str, int, float)):
             return str(value)
+    elif typing.get_origin(typ) is types.UnionType:  # X | None
+        return None if value is None else _coerce(name, value, typing.get_args(typ)[0])
     elif typing.get_origin(typ) is tuple:
         if isinstance(value, (list, tuple)):
             item = typing.get_args(typ)[0]

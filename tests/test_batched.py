@@ -102,6 +102,9 @@ def test_each_step_equals_torchvision_at_the_same_parameters():
     sigmas = torch.tensor([0.1, 0.3, 0.6, 1.0, 1.3, 1.6, 1.9, 2.0])
     expected = torch.stack([TF.gaussian_blur(x[i], [9, 9], [float(s)] * 2) for i, s in enumerate(sigmas)])
     torch.testing.assert_close(gaussian_blur(x, 9, sigmas), expected, atol=1e-6, rtol=0)
+    small = x[:, :, :32, :32]  # small_image_blur's kernel at 32 px
+    expected = torch.stack([TF.gaussian_blur(small[i], [13, 13], [float(s)] * 2) for i, s in enumerate(sigmas)])
+    torch.testing.assert_close(gaussian_blur(small, 13, sigmas), expected, atol=1e-6, rtol=0)
     u8 = (x * 255).round().to(torch.uint8)
     expected = torch.stack([TF.solarize(u8[i], 128) for i in range(8)]).float() / 255
     torch.testing.assert_close(solarize(u8.float() / 255), expected, atol=1e-6, rtol=0)
@@ -112,11 +115,14 @@ def test_each_step_equals_torchvision_at_the_same_parameters():
         torch.testing.assert_close(resized_crops(x, boxes, size), expected, atol=1e-5, rtol=0)
 
 
-def test_a_view_equals_torchvisions_steps_in_the_images_own_order():
+@pytest.mark.parametrize("size, changes", [(96, {}),  # every step on: blur (96 px) and solarisation
+                                           (32, dict(small_image_blur=True, jitter=(0.4, 0.4, 0.4, 0.1)))])
+def test_a_view_equals_torchvisions_steps_in_the_images_own_order(size, changes):
     """apply() at sampled parameters equals torchvision's functional ops applied one image at a time, in the
-    order of augment.view() and each image's jitter order."""
+    order of augment.view() and each image's jitter order; at 32 px with small_image_blur too (13 taps)."""
     images = torch.randint(0, 256, (16, 3, 112, 100), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    view = BatchedView(96, "folder", **PRESETS["asym"][1])  # every step on: blur (96 px) and solarisation
+    view = BatchedView(size, "folder", **PRESETS["asym"][1] | changes)
+    assert view.kernel_size == {96: 9, 32: 13}[size]
     p = view.sample(16, torch.Generator().manual_seed(4))
     boxes = boxes_of(p, 112, 100, view.ratio)
     p["blur"][:8], p["solarize"][::2], p["jitter"][::3] = True, True, False  # both branches of each coin
@@ -126,7 +132,7 @@ def test_a_view_equals_torchvisions_steps_in_the_images_own_order():
     expected = []
     for i in range(16):
         left, top, w, h = (int(v) for v in boxes[i])
-        im = TF.resized_crop(images[i].float() / 255, top, left, h, w, [96, 96], antialias=True)
+        im = TF.resized_crop(images[i].float() / 255, top, left, h, w, [size, size], antialias=True)
         im = TF.horizontal_flip(im) if p["flip"][i] else im
         if p["jitter"][i]:
             for step in p["order"][i].tolist():
@@ -174,18 +180,56 @@ def test_views_come_from_the_generator_alone():
     assert first.shape == (4, 3, 32, 32) and first.dtype == torch.float32
 
 
+def _jitter_and_blur(transform):
+    """The ColorJitter ranges, and the GaussianBlur's kernel and p (0, 0 without one), of an augment.view()."""
+    steps = [(t, getattr(step, "p", 1.0)) for step in transform.transforms for t in getattr(step, "transforms", [step])]
+    jitter = next(t for t, _ in steps if isinstance(t, T.ColorJitter))
+    blur = [(t.kernel_size[0], p) for t, p in steps if isinstance(t, T.GaussianBlur)]
+    return [jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue], (blur or [(0, 0.0)])[0]
+
+
 @pytest.mark.parametrize("views", [two_views("asym", 32, "cifar10", scale=(0.2, 1.0)),
-                                   multi_crop("sym", "stl10", 96, 48, 3)])
+                                   multi_crop("sym", "stl10", 96, 48, 3),
+                                   two_views("asym", 32, "cifar10", jitter=[0.4, 0.4, 0.4, 0.1], small_image_blur=True),
+                                   multi_crop("sym", "cifar10", 32, 18, 2, jitter=[0.5, 0.3, 0.2, 0.05],
+                                              small_image_blur=True)])
 def test_batched_views_are_the_per_image_pipelines_views(views):
-    """BatchedViews takes each view's settings from augment's MultiView: the same views, sizes and order."""
+    """BatchedViews takes each view's settings from augment's MultiView: the same views, sizes and order, the
+    same jitter ranges (the jitter key's, in every view), the same blur kernel and p (small_image_blur's too)."""
     batched = BatchedViews(views)
     image = torch.randint(0, 256, (3, 100, 100), dtype=torch.uint8)
     per_image = views(TF.to_pil_image(image))
     made = batched(image[None].expand(5, -1, -1, -1), torch.Generator().manual_seed(0))
     assert [tuple(v.shape) for v in made] == [(5, *v.shape) for v in per_image]
-    for settings, view in zip(views.settings, batched.views):
+    for settings, view, transform in zip(views.settings, batched.views, views.transforms):
         assert (view.size, view.scale, view.solarize) == (settings["size"], settings["scale"], settings["solarize"])
-        assert view.blur == (settings["blur"] if settings["size"] >= 96 else 0.0)
+        assert view.blur == (settings["blur"] if settings["size"] >= 96 or settings["small_image_blur"] else 0.0)
+        jitter, (kernel_size, blur) = _jitter_and_blur(transform)
+        assert [v for r in view.jitter for v in r] == pytest.approx([v for r in jitter for v in r])
+        assert (view.kernel_size if view.blur else 0, view.blur) == (kernel_size, blur)
+
+
+@pytest.mark.quick
+def test_small_image_blur_and_jitter_change_nothing_else():
+    """Off (the default), a 32-px view has no blur in either path; on, it keeps its preset's blur p with 13 taps,
+    and the batched path draws the same numbers either way (the blur coin and sigma are drawn for every image
+    at any size), so the switch and the jitter key change those steps only."""
+    images = torch.randint(0, 256, (8, 3, 40, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    off, on = two_views("asym", 32, "cifar10"), two_views("asym", 32, "cifar10", small_image_blur=True)
+    assert [_jitter_and_blur(t)[1] for t in off.transforms] == [(0, 0.0), (0, 0.0)]
+    assert [_jitter_and_blur(t)[1] for t in on.transforms] == [(13, 1.0), (13, 0.1)]
+    draws = [view.sample(8, torch.Generator().manual_seed(1)) for view in (BatchedViews(off).views[0],
+                                                                           BatchedViews(on).views[0])]
+    assert draws[0].keys() == draws[1].keys()
+    assert all(torch.equal(draws[0][k], draws[1][k]) for k in draws[0] if k != "blur")
+    assert not draws[0]["blur"].any() and draws[1]["blur"].all()  # p 0 and p 1 of the same uniform draws
+    made = [BatchedViews(views)(images, torch.Generator().manual_seed(2)) for views in (off, on)]
+    assert not torch.allclose(made[0][0], made[1][0])  # view 1 blurs every image when on
+    mine = two_views("asym", 32, "cifar10", jitter=[0.4, 0.4, 0.4, 0.1])
+    assert [s["jitter"] for s in mine.settings] == [(0.4, 0.4, 0.4, 0.1)] * 2
+    assert [_jitter_and_blur(t)[0][2] for t in mine.transforms] == [pytest.approx((0.6, 1.4))] * 2  # not 0.2
+    assert [view.jitter[2] for view in BatchedViews(mine).views] == [pytest.approx((0.6, 1.4))] * 2
+    assert all(s | dict(jitter=p["jitter"]) == p for s, p in zip(mine.settings, off.settings))  # nothing else
 
 
 def _loader_cfg(**changes):

@@ -303,6 +303,32 @@ def test_blur_only_at_96_px_and_above():
         return "GaussianBlur" in repr(t)
     assert not has_blur(two_views("sym", 32, "cifar10").transforms[0])
     assert has_blur(two_views("sym", 96, "stl10").transforms[0])
+    small = two_views("sym", 32, "cifar10", small_image_blur=True).transforms[0]
+    assert "GaussianBlur(kernel_size=(13, 13)" in repr(small)
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("jitter", [(0.4, 0.4, 0.4), (0.4, -0.1, 0.4, 0.1), (0.4, 0.4, 0.4, 0.6)])
+def test_a_bad_jitter_is_a_one_line_usage_error(jitter):
+    with pytest.raises(UsageError, match=r"jitter takes 4 strengths .* got \[") as e:
+        two_views("sym", 32, "cifar10", jitter=jitter)
+    assert "\n" not in str(e.value)
+    with pytest.raises(UsageError, match="jitter takes 4 strengths"):
+        multi_crop("sym", "cifar10", 32, 16, 2, jitter=jitter)
+
+
+@pytest.mark.quick
+def test_moco_jitter_and_small_image_blur_keys(tmp_path):
+    """The shared keys parse from YAML (null or a list; a bare --small_image_blur) and reach the views; a bad
+    jitter stops a script with one line, before its run folder is written."""
+    assert load_config(PretrainConfig, ["--jitter", "null"]).jitter is None
+    cfg = load_config(PretrainConfig, ["--small_image_blur", "jitter=[0.4, 0.4, 0.4, 0.1]"])
+    assert cfg.small_image_blur is True and cfg.jitter == (0.4, 0.4, 0.4, 0.1)
+    with pytest.raises(ConfigError, match="config key 'jitter' expects"):
+        load_config(PretrainConfig, ["--jitter", "strong"])
+    result = run_script(quick_args("moco", tmp_path / "a", "--jitter", "[0.4, 0.4]", epochs=1))
+    assert_one_line_error(result, "jitter takes 4 strengths (brightness, contrast, saturation, hue)")
+    assert not (tmp_path / "a" / "config.json").exists()
 
 
 def test_seeded_views_do_not_depend_on_workers():
