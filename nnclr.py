@@ -355,7 +355,7 @@ def train(cfg):
     optimizer = build_optimizer(cfg, model)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
-    probe = OnlineProbe(cfg, model, loader.images, rank, world_size, device, precision)  # the online linear probe (none if probe_every is 0)
+    probe = OnlineProbe(cfg, model, loader.images, rank, world_size, device, precision)  # none if probe_every is 0
 
     # ---- resume and run folder ----
     log, metrics = MetricLog(cfg.out_dir, is_main, cfg.logger), StepMetrics(cfg.out_dir, precision, cfg.skip_nonfinite)
