@@ -164,7 +164,7 @@ def test_configs_build_the_papers_heads(name, queue_size, temperature):
     assert [m.out_features for m in model.projector if isinstance(m, torch.nn.Linear)] == [2048, 2048, 256]
     assert [m.out_features for m in model.predictor if isinstance(m, torch.nn.Linear)] == [4096, 256]
     if name == "nnclr.yaml":  # the CIFAR recipe is the Config's defaults
-        assert cfg == nnclr.Config(data_dir=cfg.data_dir, knn_every=cfg.knn_every)
+        assert cfg == nnclr.Config(data_dir=cfg.data_dir, knn_every=cfg.knn_every, probe_every=cfg.probe_every)
 
 
 # ---- DDP: BN statistics broadcast, the support set left out ----
