@@ -3,7 +3,8 @@
 the ImageNet stem at 32 px, batch 256, precision auto: bf16 where the CPU computes it natively, else fp32; 20
 epochs = 780 steps by default), then knn_eval.py (k 200, T 0.1, the 45k train images as the bank, the 5k val images
 as queries) and a short linear probe (linear_eval.py on cached features), beside the same evaluations of a randomly
-initialised trunk (the floor). SimCLR runs with two seeds, to show the noise.
+initialised trunk (the floor); the pre-training's own online linear probe (--probe_every, the metric of solo-learn's
+CIFAR-10 numbers) is checked on the same val images. SimCLR runs with two seeds, to show the noise.
 
     python bench/cifar_budget.py --data DIR            # every method (hours on 2 CPU cores)
     python bench/cifar_budget.py --methods swav dino   # some of them
@@ -74,7 +75,7 @@ def commands(name, args):
     checkpoint = os.path.join(folder, "last.pt")
     return [("pre-train", [python, f"{script}.py", *data, "--subset", str(args.subset), "--epochs", str(args.epochs),
                            "--batch_size", "256", "--cifar_stem", "false", "--num_workers", "2", "--views", "batched",
-                           "--out_dir", folder, *flags], None),
+                           "--probe_every", str(args.probe_every), "--out_dir", folder, *flags], None),
             ("kNN", [python, "knn_eval.py", "--checkpoint", checkpoint, *data, *knn, "--out", f"{folder}/knn.json"],
              f"{folder}/knn.json"),
             ("linear", [python, "linear_eval.py", "--checkpoint", checkpoint, *data, *probe, "--out",
@@ -97,10 +98,13 @@ def measure(name, args, where):
     found = {what: _read(os.path.join(folder, f"{what}.json"), "top1", "top5") for what in ("knn", "linear")}
     precision = _read(os.path.join(folder, "config.json"), "precision") or _read(
         os.path.join(folder, "knn.json"), "precision")  # the pre-training's; the floor has only evaluations
-    epochs = []
+    epochs, probes = [], []
     if os.path.exists(os.path.join(folder, "metrics.jsonl")):
         with open(os.path.join(folder, "metrics.jsonl")) as f:
-            epochs = [m for m in map(json.loads, f) if "train/epoch_loss" in m]
+            lines = [json.loads(line) for line in f]
+        epochs = [m for m in lines if "train/epoch_loss" in m]
+        probes = [[m["eval/probe_top1"], m["eval/probe_top5"]] for m in lines if "eval/probe_top1" in m]
+    found["probe"] = probes[-1] if probes else None  # the online probe at the last check (--probe_every)
     rates = sorted(m["train/images_per_s"] for m in epochs)
     return {"run": name, **found, "s_per_epoch": round(args.subset / rates[len(rates) // 2]) if epochs else None,
             "loss": [epochs[0]["train/epoch_loss"], epochs[-1]["train/epoch_loss"]] if epochs else None,
@@ -111,12 +115,17 @@ def measure(name, args, where):
             "date": str(datetime.date.today())}
 
 
-def table_row(r):
-    cells = [f"{r[what][0]:.2f} / {r[what][1]:.2f}" if r[what] else "-" for what in ("knn", "linear")]
+def table_row(r, machines):
+    cells = [f"{r[what][0]:.2f} / {r[what][1]:.2f}" if r.get(what) else "-"
+             for what in ("knn", "linear", "probe")]
     loss = f"{r['loss'][0]:.3f} -> {r['loss'][1]:.3f}" if r["loss"] else "-"
     flags = f"`{shlex.join(r['flags'])}`" if r["flags"] else "-"
-    return (f"| {r['run']} | {cells[0]} | {cells[1]} | {r['s_per_epoch'] or '-'} | {loss} | {flags} | "
-            f"{r['date']} |")
+    return (f"| {r['run']} | {cells[0]} | {cells[1]} | {cells[2]} | {r['s_per_epoch'] or '-'} | {loss} | {flags} | "
+            f"{r['date']} [{machines.index(machine_of(r)) + 1}] |")
+
+
+def machine_of(r):
+    return f"{r['machine']}, computing in {r.get('precision') or 'an unrecorded precision'}"
 
 
 def keep(path, row):
@@ -143,13 +152,14 @@ def table(rows, args):
     rows = sorted(rows, key=lambda r: order.index(r["run"]) if r["run"] in order else len(order))
     budgets = sorted({f"{r['epochs']} epochs on {r['subset']} images" for r in rows if r["run"] != "floor"})
     probes = sorted({str(r["linear_epochs"]) for r in rows})
-    machines = sorted({f"{r['machine']}, computing in {r.get('precision') or 'an unrecorded precision'}"
-                       for r in rows})
+    machines = sorted({machine_of(r) for r in rows})
     return [f"Pre-training: {', '.join(budgets) or '-'} (ResNet-18, ImageNet stem, 32 px, batch 256, precision auto, "
             f"views batched); kNN k 200, T 0.1; linear probe {' or '.join(probes)} epochs on cached features. "
-            f"Machine: {'; '.join(machines)}.", "",
-            "| run | kNN top-1 / top-5 (%) | linear top-1 / top-5 (%) | s / epoch | loss, first -> last epoch | "
-            "flags | measured |", "|---|---|---|---|---|---|---|", *map(table_row, rows)]
+            "Machines (the `measured` column's numbers): "
+            + "; ".join(f"[{i + 1}] {m}" for i, m in enumerate(machines)) + ".", "",
+            "| run | kNN top-1 / top-5 (%) | linear top-1 / top-5 (%) | online probe top-1 / top-5 (%), last check | "
+            "s / epoch | loss, first -> last epoch | flags | measured |", "|---|---|---|---|---|---|---|---|",
+            *(table_row(r, machines) for r in rows)]
 
 
 def write_markdown(args, rows, argv):
@@ -172,6 +182,8 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--subset", type=int, default=10000, help="pre-training images")
     parser.add_argument("--linear_epochs", type=int, default=30, help="the linear probe's epochs (cached features)")
+    parser.add_argument("--probe_every", type=int, default=5, help="the pre-training's online linear probe: its "
+                        "val checks every this many epochs (the column of the last one; 0: none)")
     parser.add_argument("--out", default=None, help="runs' folder (default: runs/cifar_budget in the repository)")
     parser.add_argument("--markdown", default="", help="write the table to this file too (docs/benchmarks.md)")
     parser.add_argument("--json", default="", help="keep each run's numbers in this file, with those of earlier "

@@ -77,11 +77,12 @@ class Check:
 
 
 def run_settings(script, config, overrides, out_dir, precision="auto", epochs=EPOCHS):
-    """The arguments of a short run of `script`: its config, synthetic images in memory, a few dozen steps."""
+    """The arguments of a short run of `script`: its config, synthetic images in memory, a few dozen steps, the
+    online probe trained every step and checked every epoch (its NCCL all_reduce and its step in the sync check)."""
     settings = ["--config", f"configs/{config}.yaml", *overrides, "--dataset", "synthetic", "--data_dir", "",
                 "--epochs", str(epochs), "--warmup_epochs", "0", "--batch_size", str(BATCH),
-                "--num_workers", "4", "--knn_every", "0", "--log_every", "5", "--checkpoint_every_minutes", "0",
-                "--precision", precision, "--out_dir", out_dir]
+                "--num_workers", "4", "--knn_every", "0", "--probe_every", "1", "--log_every", "5",
+                "--checkpoint_every_minutes", "0", "--precision", precision, "--out_dir", out_dir]
     if script == "swav":
         settings += ["--queue_size", "0"]  # the queue needs whole global batches of the recipe's 256
     if script in ("moco", "nnclr"):

@@ -9,6 +9,7 @@ the method scripts.
     loaders.py       pretrain_loader: the pre-training loader for either view path
     backbones.py     ResNets, ViTs and any torchvision classifier as a trunk; the CIFAR stem
     knn.py           the weighted kNN classifier and the online kNN monitor
+    probe.py         the online linear probe: trained every step on the detached trunk features, checked on val
     distributed.py   torchrun set-up (NCCL / gloo, a collective timeout) and lost ranks
     precision.py     the precision a run computes in, autocast, non-blocking copies
     run_folder.py    the run folder's checks, config.json and metrics.jsonl

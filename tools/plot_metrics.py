@@ -5,8 +5,9 @@
 One panel per curve, each run in its own colour: the loss, the learning rate, the schedules the method has
 (`schedule/*`: the EMA rate m, the teacher temperature, the weight decay), its collapse signals and other
 per-step monitors (every other `train/*` scalar: code entropy and prototypes used, teacher entropy and KL, z std,
-nearest-neighbour accuracy, the gradient norm), the images per second of each epoch, and the online kNN accuracy
-(`eval/knn_top1`, from --knn_every). A resumed run's log repeats the steps after its last checkpoint: the later
+nearest-neighbour accuracy, the gradient norm, the online probe's training loss and accuracy), the images per
+second of each epoch, and the online kNN and probe accuracies (`eval/knn_top1` from --knn_every, `eval/probe_top1`
+from --probe_every). A resumed run's log repeats the steps after its last checkpoint: the later
 value of a step is kept. One run: RUN_DIR/metrics.png by default; several: ./metrics.png.
 
 matplotlib is an optional dependency (requirements-dev.txt); the training scripts never need it.
@@ -47,11 +48,11 @@ def read_metrics(path):
 
 
 PANELS = {"train/loss": "loss", "train/lr": "learning rate", "eval/knn_top1": "online kNN top-1 (%)",
-          "train/images_per_s": "images / s (each epoch)"}
+          "eval/probe_top1": "online linear probe top-1 (%)", "train/images_per_s": "images / s (each epoch)"}
 
 
 def panel_order(keys):
-    """The loss and the lr first, then schedules, monitors, throughput and the kNN accuracy."""
+    """The loss and the lr first, then schedules, monitors, throughput and the kNN and probe accuracies."""
     def rank(key):
         if key in ("train/loss", "train/lr"):
             return (0, key != "train/loss", key)
@@ -62,7 +63,7 @@ def panel_order(keys):
         if key == "train/images_per_s":
             return (3, 0, key)
         return (2, 0, key)
-    return sorted((k for k in keys if k != "eval/knn_top5"), key=rank)
+    return sorted((k for k in keys if k not in ("eval/knn_top5", "eval/probe_top5")), key=rank)
 
 
 def plot(runs, out):
