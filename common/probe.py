@@ -64,6 +64,8 @@ class OnlineProbe:
         if not self.on:
             return {}
         features, self.features = torch.cat(self.features).float(), []
+        if len(features) % len(labels):  # shapes, known on the host: no sync
+            raise RuntimeError(f"the probe kept {len(features)} feature rows for {len(labels)} labels")
         labels = labels.to(self.device, non_blocking=True)
         labels = labels.repeat(len(features) // len(labels))  # the views' rows: view 1's images, view 2's, ...
         logits = self.head(features)
