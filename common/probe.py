@@ -3,11 +3,16 @@ detached trunk features of the training batch, with its own optimizer, and evalu
 every cfg.probe_every epochs (eval/probe_top1, eval/probe_top5). It is solo-learn's online classifier, whose
 numbers the CIFAR-10 configs target.
 
+The features are standardised by a batch norm without affine parameters (statistics of the global batch), which
+makes one probe lr right for any trunk (on raw ResNet features, SGD at lr 0.1 diverged in a CPU check) and which,
+with its running statistics, folds into the linear layer at evaluation: the probe is a linear classifier of the
+features.
+
 It never changes the pre-training: a forward hook on the trunk keeps a detached copy of its features of the
 global views (inputs of image_size px: multi-crop's small crops are left out), the head's weights are drawn
 inside a fork of the random generators (the trunk's stream never moves), and its loss has a graph of its own.
-Under torchrun its gradients are averaged over ranks (one all_reduce of one small tensor), so it learns from
-the global batch. Its weights and momentum are in every checkpoint (Checkpointer), so a resumed run is exact.
+Under torchrun its gradients and its batch statistics are those of the global batch (two all_reduces of small
+tensors). Its weights, statistics and momentum are in every checkpoint (Checkpointer), so a resumed run is exact.
 """
 import torch
 import torch.distributed as dist
@@ -23,11 +28,36 @@ from common.data import Transformed, labelled_split, labels_of
 from common.knn import extract_features, topk_correct
 
 
+class GlobalBatchNorm(nn.Module):
+    """BatchNorm1d without affine parameters whose batch statistics are those of the global batch (one all_reduce
+    of this rank's first and second moments under torchrun): the features standardised, so that one probe lr
+    suits any trunk's feature scale. In eval mode it applies the running statistics: an affine map that the linear
+    layer after it absorbs, so the probe stays a linear classifier of the features (MAE's and MoCo v3's probes)."""
+
+    def __init__(self, width, momentum=0.1, eps=1e-6):
+        super().__init__()
+        self.momentum, self.eps = momentum, eps
+        self.register_buffer("running_mean", torch.zeros(width))
+        self.register_buffer("running_var", torch.ones(width))
+
+    def forward(self, x):  # x: detached features, N x width, fp32
+        if not self.training:
+            return (x - self.running_mean) / (self.running_var + self.eps).sqrt()
+        moments = torch.stack([x.mean(0), x.pow(2).mean(0)])
+        if dist.is_initialized() and dist.get_world_size() > 1:  # equal batches: the mean of the ranks' means
+            dist.all_reduce(moments)
+            moments /= dist.get_world_size()
+        mean, var = moments[0], (moments[1] - moments[0] ** 2).clamp(min=0)
+        self.running_mean.lerp_(mean, self.momentum)
+        self.running_var.lerp_(var, self.momentum)
+        return (x - mean) / (var + self.eps).sqrt()
+
+
 class OnlineProbe:
-    """A linear classifier on model.backbone's features, off when cfg.probe_every is 0. step() trains it on the
-    features that the trunk's forward of this step produced (SGD, momentum 0.9, no weight decay, at the lr the
-    script's schedule gives it); after_epoch() evaluates it. Images labelled -1 (STL-10's unlabelled split) are
-    left out of its loss."""
+    """A linear classifier on model.backbone's features (after GlobalBatchNorm: still linear in them), off when
+    cfg.probe_every is 0. step() trains it on the features that the trunk's forward of this step produced (SGD,
+    momentum 0.9, no weight decay, at the lr the script's schedule gives it); after_epoch() evaluates it. Images
+    labelled -1 (STL-10's unlabelled split) are left out of its loss."""
 
     def __init__(self, cfg, model, images, rank, world_size, device, precision):
         self.cfg, self.rank, self.world_size, self.device, self.precision = cfg, rank, world_size, device, precision
@@ -46,7 +76,7 @@ class OnlineProbe:
             torch.manual_seed(cfg.seed)
             with torch.device("meta"):  # the trunk's width, without building its weights
                 _, width = build_backbone(**model.backbone_args)
-            self.head = nn.Linear(width, num_classes).to(device)
+            self.head = nn.Sequential(GlobalBatchNorm(width), nn.Linear(width, num_classes)).to(device)
         self.optimizer = torch.optim.SGD(self.head.parameters(), lr=0.0, momentum=0.9)
         self.backbone, self.features = model.backbone, []
         self.backbone.register_forward_hook(self._keep)
@@ -68,25 +98,25 @@ class OnlineProbe:
             raise RuntimeError(f"the probe kept {len(features)} feature rows for {len(labels)} labels")
         labels = labels.to(self.device, non_blocking=True)
         labels = labels.repeat(len(features) // len(labels))  # the views' rows: view 1's images, view 2's, ...
+        params = list(self.head.parameters())
+        kept = [*self.head.state_dict().values(), *(t for p in params for t in self.optimizer.state[p].values())]
+        before = [t.clone() for t in kept]  # weights, running statistics and momentum, for a skipped step
         logits = self.head(features)
         loss = F.cross_entropy(logits, labels, ignore_index=-1)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        params = list(self.head.parameters())
         if self.world_size > 1:  # the mean over ranks: the gradient of the global batch
             grads = torch.cat([p.grad.flatten() for p in params])
             dist.all_reduce(grads)
             for p, g in zip(params, grads.split([p.numel() for p in params])):
                 p.grad.copy_(g.view_as(p) / self.world_size)
         finite = torch.stack([p.grad.isfinite().all() for p in params]).all()
-        kept = [t for p in params for t in (p, *self.optimizer.state[p].values())]  # weights, momentum (if any)
-        before = [t.clone() for t in kept]
         for p in params:
             p.grad = torch.where(finite, p.grad, 0.0)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
-        with torch.no_grad():  # a skipped step: weights and momentum as they were (a new momentum buffer is 0)
+        with torch.no_grad():  # a skipped step leaves all as it was (a new momentum buffer is 0: as none)
             for t, old in zip(kept, before):
                 t.copy_(torch.where(finite, t, old))
         labelled = labels >= 0
@@ -102,8 +132,10 @@ class OnlineProbe:
         cfg = self.cfg
         features, labels = extract_features(self.backbone, self.val, 2 * cfg.batch_size, cfg.num_workers, self.device,
                                              self.precision, self.rank, self.world_size, gather=False)
+        self.head.eval()  # the running statistics
         counts = torch.tensor([*topk_correct(self.head(features.float()), labels), len(labels)],
                               dtype=torch.float64, device=self.device)
+        self.head.train()
         if self.world_size > 1:
             dist.all_reduce(counts)
         top1, top5 = (100.0 * counts[:2] / counts[2]).tolist()

@@ -115,7 +115,7 @@ def test_end_to_end_one_process(method, trained):
     from common.backbones import build_backbone
     trunk, width = build_backbone(**ckpt["backbone_args"])
     trunk.load_state_dict(ckpt["backbone"], strict=True)
-    assert ckpt["probe"]["head"]["weight"].shape == (10, width)  # the probe: the trunk's features -> 10 classes
+    assert ckpt["probe"]["head"]["1.weight"].shape == (10, width)  # the probe: the trunk's features -> 10 classes
 
 
 @pytest.mark.quick

@@ -578,16 +578,19 @@ def _probe_steps(rank, world_size):
         trunk(images[share])  # view 1
         trunk(images[share].flip(3))  # view 2
         probe.step(labels[share], lr)
-    return {"weight": probe.head.weight.detach(), "bias": probe.head.bias.detach(),
+    return {"state": probe.head.state_dict(),  # weights and the running statistics of the global batch
             "momentum": [probe.optimizer.state[p]["momentum_buffer"] for p in probe.head.parameters()]}
 
 
 def test_online_probe_learns_from_the_global_batch():
-    """Two gloo ranks, each with half the batch, train the probe exactly as one process with all of it."""
+    """Two gloo ranks, each with half the batch, train the probe exactly as one process with all of it: its
+    gradient and its feature statistics are those of the global batch."""
     whole = _probe_steps(0, 1)
     for rank in run_ranks(_probe_steps, 2):
-        torch.testing.assert_close(rank["weight"], whole["weight"])
-        torch.testing.assert_close(rank["bias"], whole["bias"])
+        assert rank["state"].keys() == whole["state"].keys() == {"0.running_mean", "0.running_var", "1.weight",
+                                                                  "1.bias"}
+        for name, value in whole["state"].items():
+            torch.testing.assert_close(rank["state"][name], value)
         for a, b in zip(rank["momentum"], whole["momentum"], strict=True):
             torch.testing.assert_close(a, b)
 
@@ -595,8 +598,8 @@ def test_online_probe_learns_from_the_global_batch():
 @pytest.mark.quick
 def test_online_probe_learns_from_the_global_views_only_and_skips_a_non_finite_step(tmp_path):
     """The hook keeps the training forwards of image_size inputs (not multi-crop's small crops, not an
-    evaluation's forwards), detached; a step on non-finite features leaves weights and momentum as they were;
-    the probe learns (its training loss falls on a fixed batch); off, nothing is built or hooked."""
+    evaluation's forwards), detached; the probe learns at one lr whatever the features' scale; a step on
+    non-finite features leaves weights, statistics and momentum as they were; off, nothing is built or hooked."""
     probe, trunk = _probe("resnet18")
     x, labels = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, -1])  # -1: an unlabelled image, left out
     trunk(x), trunk(torch.randn(4, 3, 8, 8))  # a global view, a small crop
@@ -604,13 +607,18 @@ def test_online_probe_learns_from_the_global_views_only_and_skips_a_non_finite_s
     trunk(x)
     trunk.train()
     assert len(probe.features) == 1 and probe.features[0].shape == (4, 512) and not probe.features[0].requires_grad
-    losses = [float(probe.step(labels, 0.1)["probe_loss"])]
-    for _ in range(5):
-        trunk(x)
-        losses.append(float(probe.step(labels, 0.1)["probe_loss"]))
-    assert losses[-1] < losses[0] and not probe.features
-    state = [probe.head.weight, probe.head.bias, *(probe.optimizer.state[p]["momentum_buffer"]
-                                                   for p in probe.head.parameters())]
+    probe.step(labels, 0.1)
+    assert not probe.features
+    # two views of 64 images of 10 classes, features of a ResNet's scale (norms about 60): at lr 0.1 the probe
+    # learns without blowing up, as its BN standardises them (without it the loss passes 1000)
+    generator, images = torch.Generator().manual_seed(0), torch.arange(64) % 10
+    centres, losses = torch.randn(10, 512, generator=generator), []
+    for _ in range(20):
+        probe.features = [(centres[images.repeat(2)] + 3 * torch.randn(128, 512, generator=generator)).relu() * 5]
+        losses.append(float(probe.step(images, 0.1)["probe_loss"]))
+    assert max(losses) < 5 and losses[-1] < 0.5 * losses[0]
+    state = [*probe.head.state_dict().values(), *(probe.optimizer.state[p]["momentum_buffer"]
+                                                  for p in probe.head.parameters())]
     before = [t.clone() for t in state]
     probe.features = [torch.full((4, 512), float("nan"))]
     assert not torch.isfinite(probe.step(labels, 0.1)["probe_loss"])
