@@ -105,7 +105,8 @@ def backbone_args(arch, image_size, cifar_stem="auto", patch_size=16):
 
 def build_backbone(arch, image_size=224, cifar_stem=False, patch_size=16, zero_init_residual=False, drop_path=0.0,
                    pos_embed="learned", freeze_patch_embed=False, vit_init="torchvision"):
-    """Return (trunk, feature width); the first arguments are those of backbone_args. The others only change
+    """Return (trunk, feature width), the width also as trunk.feature_width; the first arguments are those of
+    backbone_args. The others only change
     how the trunk trains, not its weights' shapes, so they are not part of backbone_args (evaluation rebuilds
     the trunk without them and loads the weights):
     - zero_init_residual (ResNets): the last BN of each residual block starts at gamma 0, so that every block
@@ -126,6 +127,7 @@ def build_backbone(arch, image_size=224, cifar_stem=False, patch_size=16, zero_i
             apply_cifar_stem(net)
         width = net.fc.in_features
         net.fc = nn.Identity()
+        net.feature_width = width  # what a probe or a head on this trunk takes
         return net, width
     if arch in VITS:
         layers, heads, width, mlp = VITS[arch]
@@ -143,6 +145,7 @@ def build_backbone(arch, image_size=224, cifar_stem=False, patch_size=16, zero_i
             net.conv_proj.requires_grad_(False)
         if drop_path:
             add_drop_path(net, drop_path)
+        net.feature_width = width  # what a probe or a head on this trunk takes
         return net, width
     net = tvm.get_model(arch, weights=None, **BUILD_KWARGS.get(arch, {}))
     linears = [(name, m) for name, m in net.named_modules() if isinstance(m, nn.Linear)]
@@ -150,6 +153,7 @@ def build_backbone(arch, image_size=224, cifar_stem=False, patch_size=16, zero_i
     width = last.in_features if isinstance(last, nn.Linear) else last.in_channels
     parent, _, child = parent_name.rpartition(".")
     setattr(net.get_submodule(parent) if parent else net, child, nn.Identity())
+    net.feature_width = width  # what a probe or a head on this trunk takes
     return net, width
 
 

@@ -31,8 +31,9 @@ def extract_features(backbone, dataset, batch_size, num_workers, device, precisi
     was_training = backbone.training
     backbone.eval()
     shard = Subset(dataset, range(rank, len(dataset), world_size))
+    # its own generator: iterating a DataLoader draws a seed, which would move the training's random stream
     loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda",
-                        worker_init_fn=ignore_stop_signals)
+                        worker_init_fn=ignore_stop_signals, generator=torch.Generator())
     feats, labels = [], []
     for images, y in loader:
         with autocast(device, precision):
@@ -137,8 +138,9 @@ class KnnMonitor:
                            for split in ("train", "val")]
 
     def after_epoch(self, epoch, step, backbone, log):
-        """Run the check if `epoch` (1-based) is one of its epochs; log eval/knn_top1 and eval/knn_top5."""
-        if not self.splits or epoch % self.cfg.knn_every:
+        """Run the check if `epoch` (1-based) is one of its epochs (every knn_every-th and the last); log
+        eval/knn_top1 and eval/knn_top5."""
+        if not self.splits or (epoch % self.cfg.knn_every and epoch != self.cfg.epochs):
             return
         cfg = self.cfg
         top1, top5 = knn_accuracy(backbone, *self.splits, cfg.knn_k, cfg.knn_temperature, 2 * cfg.batch_size,

@@ -10,7 +10,8 @@ features.
 
 It never changes the pre-training: a forward hook on the trunk keeps a detached copy of its features of the
 global views (inputs of image_size px: multi-crop's small crops are left out), the head's weights are drawn
-inside a fork of the random generators (the trunk's stream never moves), and its loss has a graph of its own.
+inside a fork of the CPU generator and its checks' loader has a generator of its own (the trunk's stream never
+moves), and its loss has a graph of its own.
 Under torchrun its gradients and its batch statistics are those of the global batch (two all_reduces of small
 tensors). Its weights, statistics and momentum are in every checkpoint (Checkpointer), so a resumed run is exact.
 """
@@ -21,7 +22,6 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common.augment import eval_transform
-from common.backbones import build_backbone
 from common.checkpoints import load_state
 from common.config import UsageError
 from common.data import Transformed, labelled_split, labels_of
@@ -43,11 +43,11 @@ class GlobalBatchNorm(nn.Module):
     def forward(self, x):  # x: detached features, N x width, fp32
         if not self.training:
             return (x - self.running_mean) / (self.running_var + self.eps).sqrt()
-        moments = torch.stack([x.mean(0), x.pow(2).mean(0)])
+        moments = torch.stack([x.double().mean(0), x.double().pow(2).mean(0)])  # fp64: E[x^2] - E[x]^2 stays exact
         if dist.is_initialized() and dist.get_world_size() > 1:  # equal batches: the mean of the ranks' means
             dist.all_reduce(moments)
             moments /= dist.get_world_size()
-        mean, var = moments[0], (moments[1] - moments[0] ** 2).clamp(min=0)
+        mean, var = moments[0].float(), (moments[1] - moments[0] ** 2).clamp(min=0).float()
         self.running_mean.lerp_(mean, self.momentum)
         self.running_var.lerp_(var, self.momentum)
         return (x - mean) / (var + self.eps).sqrt()
@@ -72,10 +72,8 @@ class OnlineProbe:
         val = labelled_split(cfg.dataset, cfg.data_dir, "val", cfg.download, cfg.image_size, cfg.bad_images)
         num_classes = max(max(labels), *labels_of(val)) + 1
         self.val = Transformed(val, eval_transform(cfg.image_size, cfg.dataset))
-        with torch.random.fork_rng(devices=[]):  # the trunk's random stream is the same with the probe on or off
-            torch.manual_seed(cfg.seed)
-            with torch.device("meta"):  # the trunk's width, without building its weights
-                _, width = build_backbone(**model.backbone_args)
+        with torch.random.fork_rng(devices=[]):  # drawn on the CPU, which then continues as if it had not been
+            width = model.backbone.feature_width
             self.head = nn.Sequential(GlobalBatchNorm(width), nn.Linear(width, num_classes)).to(device)
         self.optimizer = torch.optim.SGD(self.head.parameters(), lr=0.0, momentum=0.9)
         self.backbone, self.features = model.backbone, []
@@ -102,14 +100,18 @@ class OnlineProbe:
         kept = [*self.head.state_dict().values(), *(t for p in params for t in self.optimizer.state[p].values())]
         before = [t.clone() for t in kept]  # weights, running statistics and momentum, for a skipped step
         logits = self.head(features)
-        loss = F.cross_entropy(logits, labels, ignore_index=-1)
+        labelled = labels >= 0  # images labelled -1 are left out
+        loss_sum = F.cross_entropy(logits, labels, ignore_index=-1, reduction="sum")
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.world_size > 1:  # the mean over ranks: the gradient of the global batch
-            grads = torch.cat([p.grad.flatten() for p in params])
-            dist.all_reduce(grads)
-            for p, g in zip(params, grads.split([p.numel() for p in params])):
-                p.grad.copy_(g.view_as(p) / self.world_size)
+        loss_sum.backward()
+        # the sums of this rank's labelled images, then of the global batch's: their gradient, loss and hits
+        hits = ((logits.argmax(1) == labels) & labelled).sum()
+        sums = torch.cat([*(p.grad.flatten() for p in params), torch.stack([loss_sum.detach(), hits, labelled.sum()])])
+        if self.world_size > 1:
+            dist.all_reduce(sums)
+        count = sums[-1]
+        for p, g in zip(params, sums[:-3].split([p.numel() for p in params])):  # the mean over labelled images
+            p.grad.copy_(g.view_as(p) / count.clamp(min=1))
         finite = torch.stack([p.grad.isfinite().all() for p in params]).all()
         for p in params:
             p.grad = torch.where(finite, p.grad, 0.0)
@@ -119,15 +121,16 @@ class OnlineProbe:
         with torch.no_grad():  # a skipped step leaves all as it was (a new momentum buffer is 0: as none)
             for t, old in zip(kept, before):
                 t.copy_(torch.where(finite, t, old))
-        labelled = labels >= 0
-        correct = ((logits.argmax(1) == labels) & labelled).sum() / labelled.sum().clamp(min=1)
-        return {"probe_loss": loss.detach(), "probe_top1": 100.0 * correct}
+        nan = torch.full_like(count, float("nan"))  # a batch without labels: nothing to log
+        return {"probe_loss": torch.where(count > 0, sums[-3] / count, nan),
+                "probe_top1": torch.where(count > 0, 100.0 * sums[-2] / count, nan)}
 
     @torch.no_grad()
     def after_epoch(self, epoch, step, log):
         """Evaluate the probe on the val split, on the trunk it learns from, if `epoch` (1-based) is one of its
-        epochs: each rank classifies its shard; log eval/probe_top1 and eval/probe_top5."""
-        if not self.on or epoch % self.cfg.probe_every:
+        epochs (every probe_every-th and the last): each rank classifies its shard; log eval/probe_top1 and
+        eval/probe_top5."""
+        if not self.on or (epoch % self.cfg.probe_every and epoch != self.cfg.epochs):
             return
         cfg = self.cfg
         features, labels = extract_features(self.backbone, self.val, 2 * cfg.batch_size, cfg.num_workers, self.device,
@@ -155,6 +158,13 @@ class OnlineProbe:
         if not state:
             if self.rank == 0:
                 print(f"{path} holds no online probe (probe_every was 0): a new probe starts here", flush=True)
+            return
+        held = state["head"]["1.weight"].shape
+        if held != self.head[1].weight.shape:  # another data set's classes: the trunk resumes, the probe is new
+            if self.rank == 0:
+                print(f"{path} holds an online probe of {held[0]} classes on {held[1]} features; this run's has "
+                      f"{self.head[1].weight.shape[0]} on {self.head[1].weight.shape[1]}: a new probe starts here",
+                      flush=True)
             return
         load_state(self.head, state["head"], path)
         load_state(self.optimizer, state["optimizer"], path)

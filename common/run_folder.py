@@ -19,7 +19,7 @@ RESUME_MODES = ("auto", "true", "false")
 # settings that change how a run is carried out, not what it computes: `resume: auto` continues a run even
 # where they differ (a re-queued job on another node, with more data workers, a new data path, ...)
 RUN_ONLY_KEYS = ("resume", "out_dir", "data_dir", "download", "num_workers", "compile", "log_every", "knn_every",
-                 "probe_every", "checkpoint_every_steps", "checkpoint_every_minutes", "keep_checkpoints",
+                 "probe_every", "probe_lr", "checkpoint_every_steps", "checkpoint_every_minutes", "keep_checkpoints",
                  "snapshot_every", "stop_timeout", "dist_timeout", "bad_images", "skip_nonfinite", "logger")
 
 

@@ -200,13 +200,63 @@ def test_resume_is_exact(method, stopped_after, views, workers, trained, tmp_pat
 @pytest.mark.parametrize("method", METHODS)
 def test_online_probe_never_changes_the_trunk(method, trained, tmp_path):
     """The uninterrupted run (the online probe trained every step and checked every epoch) and the same run
-    without the probe end with bit-identical weights, buffers and optimizer state: the probe learns from detached
-    features, draws its weights from a fork of the random generators and evaluates in eval mode."""
+    without the probe end with bit-identical weights, buffers, optimizer state and random generators: the probe
+    learns from detached features, draws its weights in a fork of the CPU generator, and its checks' loader has a
+    generator of its own."""
     result = run_script(quick_args(method, tmp_path, *TRAINED_ARGS, "--probe_every", "0"))
     assert result.returncode == 0, result.stderr[-3000:]
-    without = torch.load(tmp_path / "last.pt", weights_only=True)
+    without, straight = (torch.load(run / "last.pt", weights_only=True) for run in (tmp_path, trained[method]))
     assert without["probe"] == {} and not [line for line in metrics_of(tmp_path) if "eval/probe_top1" in line]
-    assert_same_training_state(without, torch.load(trained[method] / "last.pt", weights_only=True), probe=False)
+    assert_same_training_state(without, straight, probe=False)
+    assert torch.equal(without["rng"]["torch"], straight["rng"]["torch"])
+
+
+class RecordedBatches:
+    """Stands in for pretrain_loader's loader and keeps each batch it yields: (views, labels)."""
+
+    def __init__(self, loader, batches):
+        self.loader, self.batches = loader, batches
+
+    def __getattr__(self, name):  # sampler, images
+        return getattr(self.loader, name)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.batches.append(batch)
+            yield batch
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_online_probe_learns_from_the_global_views_in_their_order(method, tmp_path, monkeypatch):
+    """In every step the probe's hook keeps exactly the trunk's inputs of the global views, in the order that its
+    labels (each view's copy of the batch's) assume: view 1's images, then view 2's (MoCo v1 / v2 without
+    symmetric: view 1's only); not multi-crop's small crops, nor the key, target or teacher trunks'."""
+    from common.probe import OnlineProbe
+    module = importlib.import_module(method)
+    batches, inputs, probed = [], [], []
+    make_loader, keep, step = module.pretrain_loader, OnlineProbe._keep, OnlineProbe.step
+    monkeypatch.setattr(module, "pretrain_loader", lambda *args: RecordedBatches(make_loader(*args), batches))
+
+    def recording_keep(self, trunk, args, output):
+        kept = len(self.features)
+        keep(self, trunk, args, output)
+        if len(self.features) > kept:
+            inputs.append(args[0].detach().clone())
+
+    def recording_step(self, labels, lr):
+        probed.append((torch.cat(inputs), labels.clone()))
+        inputs.clear()
+        return step(self, labels, lr)
+
+    monkeypatch.setattr(OnlineProbe, "_keep", recording_keep)
+    monkeypatch.setattr(OnlineProbe, "step", recording_step)
+    module.train(load_config(module.Config, quick_args(method, tmp_path, "--probe_every", "1", epochs=1)[1:]))
+    assert len(probed) == len(batches) == 4
+    for (views, labels), (seen, seen_labels) in zip(batches, probed):
+        assert torch.equal(seen, torch.cat(views[:2])) and torch.equal(seen_labels, labels)
 
 
 # SimCLR (the lr), and every method with a schedule of its own in metrics.jsonl (an EMA rate: "schedule/...")

@@ -573,20 +573,24 @@ def _probe_steps(rank, world_size):
     probe, trunk = _probe("vit_tiny", rank, world_size)
     images = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     labels = torch.arange(16) % 10
+    labels[:5] = -1  # unlabelled images, all in rank 0's half: the ranks' labelled counts differ
     share = slice(rank * 16 // world_size, (rank + 1) * 16 // world_size)
     for lr in (0.5, 0.3, 0.1):
         trunk(images[share])  # view 1
         trunk(images[share].flip(3))  # view 2
-        probe.step(labels[share], lr)
-    return {"state": probe.head.state_dict(),  # weights and the running statistics of the global batch
+        logged = probe.step(labels[share], lr)
+    return {"logged": torch.stack(list(logged.values())),
+            "state": probe.head.state_dict(),  # weights and the running statistics of the global batch
             "momentum": [probe.optimizer.state[p]["momentum_buffer"] for p in probe.head.parameters()]}
 
 
 def test_online_probe_learns_from_the_global_batch():
     """Two gloo ranks, each with half the batch, train the probe exactly as one process with all of it: its
-    gradient and its feature statistics are those of the global batch."""
+    gradient, its logged loss and accuracy, and its feature statistics are those of the global batch, also when
+    the ranks hold different numbers of labelled images."""
     whole = _probe_steps(0, 1)
     for rank in run_ranks(_probe_steps, 2):
+        torch.testing.assert_close(rank["logged"], whole["logged"])
         assert rank["state"].keys() == whole["state"].keys() == {"0.running_mean", "0.running_var", "1.weight",
                                                                   "1.bias"}
         for name, value in whole["state"].items():
@@ -623,9 +627,37 @@ def test_online_probe_learns_from_the_global_views_only_and_skips_a_non_finite_s
     probe.features = [torch.full((4, 512), float("nan"))]
     assert not torch.isfinite(probe.step(labels, 0.1)["probe_loss"])
     assert all(torch.equal(a, b) for a, b in zip(state, before, strict=True))
+    fresh, trunk = _probe("resnet18")  # a non-finite first step (no momentum yet): as if it had not been
+    weights = [t.clone() for t in fresh.head.state_dict().values()]
+    fresh.features = [torch.full((4, 512), float("nan"))]
+    fresh.step(labels, 0.1)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.head.state_dict().values(), weights, strict=True))
+    assert all(not s["momentum_buffer"].any() for s in fresh.optimizer.state.values())
     off, trunk = _probe("resnet18", probe_every=0)
     trunk(x)
     assert off.step(labels, 0.1) == {} and off.state_dict() == {} and not trunk._forward_hooks
+
+
+@pytest.mark.quick
+def test_online_probe_resumes_or_starts_anew(tmp_path, capsys):
+    """A checkpoint's probe is loaded exactly; one of another class count (another data set under resume: true),
+    or none (a run without the probe), leaves a new probe and says so: the trunk resumes either way."""
+    probe, trunk = _probe("resnet18")
+    trunk(torch.randn(4, 3, 16, 16))
+    probe.step(torch.tensor([0, 1, 2, 3]), 0.1)
+    other, _ = _probe("resnet18")
+    other.load_state_dict(probe.state_dict(), "last.pt")
+    assert all(torch.equal(a, b) for a, b in zip(other.head.state_dict().values(), probe.head.state_dict().values()))
+    state = probe.state_dict()
+    state["head"] = {**state["head"], "1.weight": torch.zeros(100, 512), "1.bias": torch.zeros(100)}
+    new, _ = _probe("resnet18")
+    before = [t.clone() for t in new.head.state_dict().values()]
+    new.load_state_dict(state, "last.pt")
+    new.load_state_dict({}, "last.pt")
+    assert all(torch.equal(a, b) for a, b in zip(new.head.state_dict().values(), before))
+    out = capsys.readouterr().out
+    assert "last.pt holds an online probe of 100 classes on 512 features; this run's has 10 on 512: a new probe" in out
+    assert "last.pt holds no online probe (probe_every was 0): a new probe starts here" in out
 
 
 @pytest.mark.quick
