@@ -584,8 +584,8 @@ def test_configs_parse(method):
 def test_no_host_sync_between_log_lines(method, views, tmp_path, monkeypatch):
     """Steps 2 and 3 of an epoch of 4 (no log line, no checkpoint, no kNN between them; the online probe's step
     included), in the run's own precision (auto): nothing read back, no boolean mask, no tensor made from host
-    data, no blocking copy to the device (tests/battery.py HostSyncs says what counts). The batched views are made in the step's time and are
-    counted; per-image views are made in loader workers, on the host, and are not."""
+    data, no blocking copy to the device (tests/battery.py HostSyncs says what counts). The batched views are made
+    in the step's time and are counted; per-image views are made in loader workers, on the host, and are not."""
     module = importlib.import_module(method)
     syncs = HostSyncs()
     syncs.watch_copies(monkeypatch)

@@ -15,7 +15,8 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 def test_a_real_runs_curves_make_one_png(trained, tmp_path):
     """DINO's shared 2-epoch run (the kNN monitor on at epoch 2, the online probe every epoch): its loss, lr,
-    schedules, collapse signals, probe and kNN accuracies each get a panel, and the PNG is written where the run's folder is, or where --out says."""
+    schedules, collapse signals, probe and kNN accuracies each get a panel, and the PNG is written where the
+    run's folder is, or where --out says."""
     run = trained["dino"]
     keys = panel_order(read_metrics(run))
     assert keys[:2] == ["train/loss", "train/lr"] and keys[-2:] == ["eval/knn_top1", "eval/probe_top1"]
