@@ -197,20 +197,6 @@ def test_resume_is_exact(method, stopped_after, views, workers, trained, tmp_pat
     assert epoch_means(run) == epoch_means(trained[key])[stopped_after // 4:]  # epochs completed after
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_online_probe_never_changes_the_trunk(method, trained, tmp_path):
-    """The uninterrupted run (the online probe trained every step and checked every epoch) and the same run
-    without the probe end with bit-identical weights, buffers, optimizer state and random generators: the probe
-    learns from detached features, draws its weights in a fork of the CPU generator, and its checks' loader has a
-    generator of its own."""
-    result = run_script(quick_args(method, tmp_path, *TRAINED_ARGS, "--probe_every", "0"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    without, straight = (torch.load(run / "last.pt", weights_only=True) for run in (tmp_path, trained[method]))
-    assert without["probe"] == {} and not [line for line in metrics_of(tmp_path) if "eval/probe_top1" in line]
-    assert_same_training_state(without, straight, probe=False)
-    assert torch.equal(without["rng"]["torch"], straight["rng"]["torch"])
-
-
 class RecordedBatches:
     """Stands in for pretrain_loader's loader and keeps each batch it yields: (views, labels)."""
 
@@ -230,15 +216,17 @@ class RecordedBatches:
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_online_probe_learns_from_the_global_views_in_their_order(method, tmp_path, monkeypatch):
-    """In every step the probe's hook keeps exactly the trunk's inputs of the global views, in the order that its
-    labels (each view's copy of the batch's) assume: view 1's images, then view 2's (MoCo v1 / v2 without
-    symmetric: view 1's only); not multi-crop's small crops, nor the key, target or teacher trunks'."""
+def test_online_probe_sees_the_global_views_in_order_and_never_changes_the_trunk(method, tmp_path, monkeypatch):
+    """Two in-process runs of 2 epochs of 2 steps, with the probe (trained every step, checked every epoch) and
+    without. With it, the probe's hook keeps exactly the trunk's inputs of the global views in every step, in the
+    order that its labels (each view's copy of the batch's) assume: view 1's images, then view 2's; not multi-crop's
+    small crops, nor the key, target or teacher trunks'. Without it, the run ends with bit-identical weights,
+    buffers, optimizer state and CPU generator: the probe learns from detached features, draws its weights in a
+    fork of the CPU generator, and its checks' loader (after epoch 1) has a generator of its own."""
     from common.probe import OnlineProbe
     module = importlib.import_module(method)
     batches, inputs, probed = [], [], []
     make_loader, keep, step = module.pretrain_loader, OnlineProbe._keep, OnlineProbe.step
-    monkeypatch.setattr(module, "pretrain_loader", lambda *args: RecordedBatches(make_loader(*args), batches))
 
     def recording_keep(self, trunk, args, output):
         kept = len(self.features)
@@ -251,12 +239,21 @@ def test_online_probe_learns_from_the_global_views_in_their_order(method, tmp_pa
         inputs.clear()
         return step(self, labels, lr)
 
-    monkeypatch.setattr(OnlineProbe, "_keep", recording_keep)
-    monkeypatch.setattr(OnlineProbe, "step", recording_step)
-    module.train(load_config(module.Config, quick_args(method, tmp_path, "--probe_every", "1", epochs=1)[1:]))
+    with monkeypatch.context() as patch:
+        patch.setattr(module, "pretrain_loader", lambda *args: RecordedBatches(make_loader(*args), batches))
+        patch.setattr(OnlineProbe, "_keep", recording_keep)
+        patch.setattr(OnlineProbe, "step", recording_step)
+        module.train(load_config(module.Config, quick_args(method, tmp_path / "on", "--subset", "32",
+                                                           "--probe_every", "1", epochs=2)[1:]))
     assert len(probed) == len(batches) == 4
     for (views, labels), (seen, seen_labels) in zip(batches, probed):
         assert torch.equal(seen, torch.cat(views[:2])) and torch.equal(seen_labels, labels)
+    module.train(load_config(module.Config, quick_args(method, tmp_path / "off", "--subset", "32",
+                                                       "--probe_every", "0", epochs=2)[1:]))
+    with_probe, without = (torch.load(tmp_path / run / "last.pt", weights_only=True) for run in ("on", "off"))
+    assert without["probe"] == {} and with_probe["probe"]
+    assert_same_training_state(without, with_probe, probe=False)
+    assert torch.equal(without["rng"]["torch"], with_probe["rng"]["torch"])
 
 
 # SimCLR (the lr), and every method with a schedule of its own in metrics.jsonl (an EMA rate: "schedule/...")

@@ -113,6 +113,8 @@ def test_the_cifar_budget_keeps_each_finished_runs_row_with_earlier_ones(tmp_pat
             folder = command[command.index("--out_dir") + 1]
             (tmp_path / folder).mkdir(parents=True, exist_ok=True)
             lines = [{"train/epoch_loss": loss, "train/images_per_s": 500.0} for loss in (6.0, 5.5, 5.25)]
+            lines += [{"eval/probe_top1": 30.0, "eval/probe_top5": 80.0}, {"eval/probe_top1": 33.0,
+                                                                          "eval/probe_top5": 88.0}]
             (tmp_path / folder / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
         else:  # the random-init trunk: its path is the command's last part
             (tmp_path / command[-1]).parent.mkdir(parents=True, exist_ok=True)
@@ -134,8 +136,11 @@ def test_the_cifar_budget_keeps_each_finished_runs_row_with_earlier_ones(tmp_pat
     text = (tmp_path / "docs" / "bench.md").read_text()
     rows = [line for line in text.splitlines() if line.startswith("| ") and "|---" not in line][1:]
     assert [row.split(" | ")[0] for row in rows] == ["| floor", "| simclr", "| dino"]
-    assert "| simclr | 35.50 / 90.25 | 36.50 / 90.25 | 20 | 6.000 -> 5.250 | `--optimizer sgd" in text
-    assert "an older CPU" in text and "python dino.py --lr 0.12" in text and "python simclr.py" in text
+    # the online probe at its last check; each row's machine by its number in the list above the table
+    assert "| simclr | 35.50 / 90.25 | 36.50 / 90.25 | 33.00 / 88.00 | 20 | 6.000 -> 5.250 | `--optimizer sgd" in text
+    older = re.search(r"\[(\d)\] an older CPU, computing in an unrecorded precision", text).group(1)
+    assert f"| 2026-12-01 [{older}] |" in text and "| dino | 37.00 / 88.60 | 40.00 / 90.00 | - |" in text
+    assert "python dino.py --lr 0.12" in text and "python simclr.py" in text and "--probe_every 5" in text
     assert "<!-- cifar_budget: written by bench/cifar_budget.py -->" in text
     assert ("Written by `python bench/cifar_budget.py --methods simclr --data cifar --json kept.json --markdown "
             "docs/bench.md`, with the rows of earlier invocations kept in `kept.json`") in text
