@@ -55,9 +55,10 @@ def case_of(method):
     return importlib.import_module(f"test_{method}").CASE
 
 
-# the `trained` runs (conftest.py): a snapshot every epoch, the kNN monitor at epoch 2, the online probe checked
-# every epoch, a checkpoint every 3 steps (mid-epoch: steps 3 and 6 of 4 an epoch), and every checkpoint kept
-TRAINED_ARGS = ("--snapshot_every", "1", "--knn_every", "2", "--probe_every", "1", "--checkpoint_every_steps", "3",
+# the `trained` runs (conftest.py): a snapshot every epoch, the kNN monitor and the online probe checked at epoch
+# 2 (the probe trains every step), a checkpoint every 3 steps (mid-epoch: steps 3 and 6 of 4 an epoch), and every
+# checkpoint kept
+TRAINED_ARGS = ("--snapshot_every", "1", "--knn_every", "2", "--probe_every", "2", "--checkpoint_every_steps", "3",
                 "--keep_checkpoints", "4")
 
 

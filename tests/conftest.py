@@ -16,7 +16,7 @@ from helpers import run_script, run_torchrun  # noqa: E402
 class Runs(dict):
     """One uninterrupted 2-epoch run per method, made the first time a test asks for that method and shared by
     the tests that follow: in one process (batch 16, 4 steps an epoch, a checkpoint every 3 steps and at each
-    epoch's end, all kept, the kNN monitor at epoch 2, the online probe checked every epoch), or under torchrun
+    epoch's end, all kept, the kNN monitor and the online probe checked at epoch 2), or under torchrun
     with 2 ranks x 16 (a line in metrics.jsonl every step, the online probe checked every epoch)."""
 
     def __init__(self, root, ranks):

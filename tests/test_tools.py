@@ -14,7 +14,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def test_a_real_runs_curves_make_one_png(trained, tmp_path):
-    """DINO's shared 2-epoch run (the kNN monitor on at epoch 2, the online probe every epoch): its loss, lr,
+    """DINO's shared 2-epoch run (the kNN monitor and the online probe checked at epoch 2): its loss, lr,
     schedules, collapse signals, probe and kNN accuracies each get a panel, and the PNG is written where the
     run's folder is, or where --out says."""
     run = trained["dino"]
