@@ -288,13 +288,15 @@ def test_resume_on_another_world_size_continues_the_schedule(method, trained_tor
 # ---- (5) the evaluation scripts accept the checkpoint ----
 @pytest.mark.parametrize("method", METHODS)
 def test_eval_scripts_accept_checkpoint(method, trained, tmp_path):
+    """Both evaluations, run in this process (their command lines are test_eval's), take the method's checkpoint."""
+    import knn_eval
+    import linear_eval
     ckpt = shutil.copy(trained[method] / "last.pt", tmp_path / "last.pt")
-    knn = run_script(["knn_eval.py", "--checkpoint", str(ckpt), "--train_subset", "128", "--val_subset", "64",
-                      "--num_workers", "0"])
-    assert knn.returncode == 0, knn.stderr[-3000:]
-    linear = run_script(["linear_eval.py", "--checkpoint", str(ckpt), "--train_subset", "128", "--val_subset",
-                         "64", "--num_workers", "0", "--epochs", "2", "--cache_features", "true", "--batch_size", "32"])
-    assert linear.returncode == 0, linear.stderr[-3000:]
+    knn_eval.main(load_config(knn_eval.Config, ["--checkpoint", str(ckpt), "--train_subset", "128", "--val_subset",
+                                                "64", "--num_workers", "0"]))
+    linear_eval.main(load_config(linear_eval.Config, ["--checkpoint", str(ckpt), "--train_subset", "128",
+                                                      "--val_subset", "64", "--num_workers", "0", "--epochs", "2",
+                                                      "--cache_features", "true", "--batch_size", "32"]))
     results = sorted(p.name for p in tmp_path.glob("*.json"))
     assert results == ["last_knn_synthetic.json", "last_linear_synthetic.json"]
 

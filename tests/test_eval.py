@@ -222,7 +222,7 @@ def test_linear_probe_stopped_by_a_signal_resumes_exactly(checkpoint, tmp_path, 
     import sys
     import time
     from helpers import REPO, _env
-    args = [*LINEAR, "--checkpoint", checkpoint, "--epochs", "3", "--batch_size", "16", "--finetune", str(finetune),
+    args = [*LINEAR, "--checkpoint", checkpoint, "--epochs", "2", "--batch_size", "16", "--finetune", str(finetune),
             "--finetune_lr", "0.01", "--out"]
     assert_ok(run_script([*args, tmp_path / "straight.json"]))
     out, state = tmp_path / "stopped.json", tmp_path / "stopped.state.pt"
