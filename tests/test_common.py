@@ -558,7 +558,7 @@ def test_knn_monitor_checks_its_splits_when_it_is_made(tmp_path):
 def _probe(arch, rank=0, world_size=1, probe_every=1, data_dir="data", dataset="synthetic"):
     """A probe on an `arch` trunk at 16 px over the synthetic data set, and the trunk (in training mode)."""
     cfg = SimpleNamespace(probe_every=probe_every, dataset=dataset, data_dir=data_dir, download=False, image_size=16,
-                          bad_images="stop", seed=0, batch_size=8, num_workers=0)
+                          bad_images="stop", seed=0, batch_size=8, num_workers=0, epochs=2)
     model = nn.Module()
     model.backbone_args = backbone_args(arch, 16, patch_size=8)
     torch.manual_seed(0)
@@ -636,6 +636,29 @@ def test_online_probe_learns_from_the_global_views_only_and_skips_a_non_finite_s
     off, trunk = _probe("resnet18", probe_every=0)
     trunk(x)
     assert off.step(labels, 0.1) == {} and off.state_dict() == {} and not trunk._forward_hooks
+
+
+class _Log:
+    def __init__(self):
+        self.lines = []
+
+    def write(self, **values):
+        self.lines.append(values)
+
+
+@pytest.mark.quick
+def test_the_probe_and_the_knn_monitor_check_after_the_last_epoch_too():
+    """probe_every 5 / knn_every 3 in a run of 2 epochs: no check after epoch 1, one after epoch 2, the last."""
+    from common.knn import KnnMonitor
+    probe, trunk = _probe("resnet18", probe_every=5)
+    cfg = SimpleNamespace(**{**vars(probe.cfg), "knn_every": 3, "knn_k": 5, "knn_temperature": 0.1})
+    knn, log = KnnMonitor(cfg, 0, 1, torch.device("cpu"), "fp32"), _Log()
+    tiny = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())  # a fast stand-in trunk for the kNN check
+    for epoch in (1, 2):
+        probe.after_epoch(epoch, 4 * epoch, log)
+        knn.after_epoch(epoch, 4 * epoch, tiny, log)
+    checks = [(line["epoch"], sorted(k for k in line if k.startswith("eval/"))) for line in log.lines]
+    assert checks == [(2, ["eval/probe_top1", "eval/probe_top5"]), (2, ["eval/knn_top1", "eval/knn_top5"])]
 
 
 @pytest.mark.quick
